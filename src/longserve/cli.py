@@ -1,0 +1,194 @@
+"""`longserve` command line: models, generate, demo, compress/ask, eval, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from longserve.errors import LongserveError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    from longserve.kv.policies import REGISTRY
+
+    p.add_argument("--kv-policy", default="full", help=f"one of: {', '.join(REGISTRY)}")
+    p.add_argument("--kv-budget", type=int, help="tokens kept per sequence (sinks + selected + window)")
+    p.add_argument("--kv-ratio", type=float, help="fraction of the prompt kept, in (0, 1]")
+    p.add_argument("--kv-window", type=int, help="recent tokens always kept (policy default otherwise)")
+
+
+def policy_kwargs(args) -> dict:
+    out = {"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_ratio": args.kv_ratio}
+    if args.kv_window is not None:
+        out["window"] = args.kv_window
+    return out
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_models(args) -> int:
+    from longserve import zoo
+
+    if args.action == "list":
+        rows = zoo.list_models()
+        print(f"{'name':30} {'family':8} {'params':>7} {'context':>8}  {'license':12} cached")
+        for r in rows:
+            print(f"{r['name']:30} {r['family']:8} {r['params']:>7} {r['context_window']:>8}  "
+                  f"{r['license']:12} {'yes' if r['cached'] else 'no'}")
+        return 0
+    if not args.name:
+        raise LongserveError("usage: longserve models pull NAME [--force]")
+    path = zoo.pull(args.name, force=args.force)
+    print(f"{args.name}: ready in {path}")
+    return 0
+
+
+def read_prompt(args) -> str:
+    if args.file:
+        return Path(args.file).read_text()
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if sys.stdin.isatty() and args.prompt is None:
+        raise LongserveError("give a prompt as an argument, with --file PATH, or on stdin")
+    return sys.stdin.read()
+
+
+def print_stats(stats: dict, out=sys.stderr) -> None:
+    ttft = stats["ttft_s"]
+    tps = stats["decode_tokens_per_s"]
+    print(f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | decode "
+          f"{tps:.1f} tok/s | KV {stats['kv_policy']}: {_human(stats['kv_bytes_final'])} held, "
+          f"{_human(stats['kv_bytes_allocated'])} allocated, {stats['kv_tokens_final']} tok/layer, "
+          f"ratio {stats['compression_ratio']:.1f}x]" if tps else
+          f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | KV {_human(stats['kv_bytes_final'])}]",
+          file=out)
+
+
+def cmd_generate(args) -> int:
+    from longserve.llm import LLM
+
+    text = read_prompt(args)
+    llm = LLM(args.model, dtype=args.dtype, **({"threads": args.threads} if args.threads else {}))
+    prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
+    last = None
+    for out in llm.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                          **policy_kwargs(args)):
+        print(out.new_text, end="", flush=True)
+        last = out
+    print()
+    print_stats(last.seq.stats())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from longserve.demo import run_demo
+
+    return run_demo(model=args.model, budget=args.kv_budget, policies=args.policies)
+
+
+def cmd_compress(args) -> int:
+    from longserve.llm import LLM
+
+    llm = LLM(args.model)
+    ctx = llm.compress(Path(args.context).read_text(), **policy_kwargs(args))
+    ctx.save(args.out)
+    print(f"compressed {ctx.n_context_tokens} tokens -> {ctx.fill} per layer ({_human(ctx.nbytes)}) in {args.out}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from longserve.context import CompressedContext
+    from longserve.llm import LLM
+
+    llm = LLM(args.model)
+    ctx = CompressedContext.load(args.context, expected_fingerprint=llm.fingerprint)
+    for question in args.question:
+        answer = llm.ask(ctx, question, max_new_tokens=args.max_new_tokens)
+        print(f"Q: {question}\nA: {answer.text.strip()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from longserve.zoo import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="longserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list or pull zoo models")
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--force", action="store_true", help="re-download and re-convert")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate from a prompt (argument, --file or stdin), streaming")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, HF directory or .gguf file")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int)
+    add_sampling_args(p)
+    add_policy_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="one long document, one question, answered under several KV policies")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--kv-budget", type=int, default=256)
+    p.add_argument("--policies", default="full,streaming,snapkv,sage,snapstream")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compress", help="compress a context once (query-agnostic) and save it")
+    p.add_argument("context", help="text file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_policy_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("ask", help="answer questions from a saved compressed context")
+    p.add_argument("context", help="file written by `longserve compress`")
+    p.add_argument("question", nargs="+")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_ask)
+
+    for extra in ("eval", "serve"):
+        try:
+            module = __import__(f"longserve.{extra}.cli", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LongserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Compress once, ask many: a compressed context that can be saved, loaded and queried repeatedly.
+
+The context is compressed before any question is known (query-agnostic, the fair setting), so the
+same cache answers every later question. Saved as safetensors with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from longserve.errors import InvalidParameterError
+from longserve.kv.cache import KVPool
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompressedContext:
+    model_fingerprint: str
+    policy: dict  # name + parameters, for the record and for checks
+    n_context_tokens: int
+    next_pos: int
+    written: int
+    fill: int
+    keys: list[torch.Tensor]  # per layer [Hkv, n_l, D]
+    values: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
+
+    @classmethod
+    def from_slot(cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int) -> CompressedContext:
+        state = pool.slots[slot]
+        entries = [pool.layer_entries(layer, slot) for layer in range(pool.args.n_layers)]
+        return cls(fingerprint, policy, n_tokens, state.next_pos, state.written, state.fill,
+                   [k.clone() for k, _, _ in entries], [v.clone() for _, v, _ in entries],
+                   [p.clone() for _, _, p in entries])
+
+    def load_into(self, pool: KVPool, slot: int) -> None:
+        state = pool.slots[slot]
+        for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
+            n = k.shape[1]
+            pool.k[layer][slot, :, :n] = k
+            pool.v[layer][slot, :, :n] = v
+            pool.pos[layer][slot, :, :n] = p
+        state.fill, state.written, state.next_pos = self.fill, self.written, self.next_pos
+        state.protected = self.fill
+        state.peak_fill = self.fill
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {}
+        for i, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
+            tensors[f"k.{i}"], tensors[f"v.{i}"], tensors[f"pos.{i}"] = k.contiguous(), v.contiguous(), p.contiguous()
+        header = {"format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint, "policy": self.policy,
+                  "n_context_tokens": self.n_context_tokens, "next_pos": self.next_pos, "written": self.written,
+                  "fill": self.fill, "meta": self.meta}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"longserve": json.dumps(header)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> CompressedContext:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {}).get("longserve", "{}"))
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+        except Exception as exc:
+            raise InvalidParameterError(f"{path} is not a saved longserve context ({exc})") from None
+        if header.get("format_version") != FORMAT_VERSION:
+            raise InvalidParameterError(
+                f"{path} was saved by format version {header.get('format_version')}; this longserve reads "
+                f"version {FORMAT_VERSION}: compress the context again"
+            )
+        if expected_fingerprint and header["model_fingerprint"] != expected_fingerprint:
+            raise InvalidParameterError(
+                f"{path} was compressed with another model ({header['model_fingerprint']}); it cannot be "
+                f"used with {expected_fingerprint}"
+            )
+        n = len([k for k in tensors if k.startswith("k.")])
+        return cls(header["model_fingerprint"], header["policy"], header["n_context_tokens"], header["next_pos"],
+                   header["written"], header["fill"], [tensors[f"k.{i}"] for i in range(n)],
+                   [tensors[f"v.{i}"] for i in range(n)], [tensors[f"pos.{i}"] for i in range(n)], header["meta"])

@@ -1,0 +1,126 @@
+"""The engine loop: request -> scheduler -> model runner (KV pool + policy) -> sampler -> output.
+
+Offline generation (`LLM.generate`) and the HTTP server drive the same `step()`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from longserve.engine.model_runner import ModelRunner
+from longserve.engine.sampler import SamplingParams, sample
+from longserve.engine.scheduler import Scheduler
+from longserve.engine.sequence import Sequence
+from longserve.errors import ContextLengthError, InvalidParameterError
+from longserve.kv.cache import KVPool
+from longserve.kv.policies import Policy
+from longserve.loader import LoadedModel
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_text: str
+    finished: bool
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, n_slots: int, capacity: int, max_tokens: int | None = None,
+                 prefill_chunk: int = 2048, dtype: torch.dtype = torch.float32):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype)
+        self.runner = ModelRunner(loaded.model, self.pool)
+        self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk)
+        self.sequences: dict[str, Sequence] = {}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def check(self, prompt_len: int, params: SamplingParams, policy: Policy, prefix=None) -> None:
+        window = self.loaded.context_window
+        offset = prefix.next_pos if prefix is not None else 0
+        if prompt_len == 0:
+            raise InvalidParameterError("the prompt is empty")
+        if offset + prompt_len + params.max_new_tokens > window:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceed the model's "
+                f"context window of {window} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        need = policy.capacity(prompt_len, params.max_new_tokens) + (prefix.fill if prefix is not None else 0)
+        if need > self.pool.capacity:
+            raise ContextLengthError(
+                f"this request needs {need} KV slots under policy '{policy.name}' but the engine's slots hold "
+                f"{self.pool.capacity}; use a compressing policy or restart with a larger --max-model-len"
+            )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, policy: Policy,
+                    request_id: str = "", positions: list[int] | None = None, prefix=None) -> Sequence:
+        self.check(len(prompt_ids), params, policy, prefix)
+        seq = Sequence(list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions,
+                       prefix=prefix)
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request at any point; its KV slot is freed at once."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.finish_reason = "abort"
+            self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        if step.kind == "prefill":
+            seq = step.seqs[0]
+            logits = self.runner.prefill(seq, step.n_tokens)
+            if logits is None:
+                return []
+            return self._emit(step.seqs, logits)
+        seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
+        return self._emit(seqs, self.runner.decode(seqs))
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        now = time.perf_counter()
+        outputs = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.output_ids.append(token)
+            seq.token_times.append(now)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            outputs.append(self._advance(seq, token))
+        return outputs
+
+    def _advance(self, seq: Sequence, token: int) -> StepOutput:
+        eos = token in self.loaded.eos_ids and not seq.params.ignore_eos
+        ids = seq.output_ids[:-1] if eos else seq.output_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not eos:  # an incomplete UTF-8 character: wait for the rest
+            text = seq.text
+        reason = "stop" if eos else None
+        for stop in seq.params.stop:
+            cut = text.find(stop)
+            if cut != -1:
+                text, reason = text[:cut], "stop"
+        if reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
+            reason = "length"
+        new_text, seq.text = text[len(seq.text):], text
+        if reason:
+            seq.finish_reason = reason
+            self._finish(seq)
+        return StepOutput(seq, new_text, reason is not None)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.finished_at = time.perf_counter()
+        self.runner.release(seq)
+        self.scheduler.finish(seq)
+        self.sequences.pop(seq.request_id, None)

@@ -1,0 +1,72 @@
+"""Runs the model over the KV pool: one prefill chunk of one sequence, or one decode step of a batch."""
+
+from __future__ import annotations
+
+import torch
+
+from longserve.engine.sequence import Sequence
+from longserve.kv.attention import DecodeBackend, PrefillBackend
+from longserve.kv.cache import KVPool
+from longserve.kv.policies import FullPolicy
+from longserve.model import CausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, pool: KVPool):
+        self.model, self.pool = model, pool
+        self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill
+
+    def needs_staging(self, seq: Sequence) -> bool:
+        return seq.policy.kept(seq.prompt_len) < seq.prompt_len
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor | None:
+        """Run the next `n_tokens` of the prompt; returns the last logits once the prompt is done."""
+        if seq.prefilled == 0 and seq.prefix is not None:
+            seq.prefix.load_into(self.pool, seq.slot)
+        start, end = seq.prefilled, seq.prefilled + n_tokens
+        final = end == seq.prompt_len
+        staging = self.staging.get(seq.seq_id)
+        if not final and staging is None and self.needs_staging(seq):
+            staging_pool = KVPool(self.pool.args, 1, seq.prompt_len, dtype=self.pool.dtype)
+            staging = self.staging[seq.seq_id] = (staging_pool, staging_pool.allocate(FullPolicy()))
+        ids = torch.tensor([seq.prompt_ids[start:end]])
+        offset = seq.prefix.next_pos if seq.prefix is not None else 0
+        positions = torch.tensor(seq.prompt_positions[start:end] if seq.prompt_positions
+                                 else range(offset + start, offset + end))
+        backend = PrefillBackend(self.pool, seq.slot, positions, final=final,
+                                 seed=seq.params.seed or 0, staging=staging)
+        logits = self.model(ids, positions[None], backend)
+        backend.finish()
+        seq.prefilled = end
+        if final:
+            self.staging.pop(seq.seq_id, None)
+            self._record(seq)
+            return logits
+        return None
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for every sequence: their last sampled tokens go in, next-token logits come out."""
+        backend = DecodeBackend(self.pool, [s.slot for s in seqs])
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
+        logits = self.model(ids, backend.positions[:, None], backend)
+        for seq in seqs:
+            self._record(seq)
+        return logits
+
+    def _record(self, seq: Sequence) -> None:
+        state = self.pool.slots[seq.slot]
+        held = self.pool.held_nbytes(seq.slot)
+        seq.kv_bytes_allocated = self.pool.slot_nbytes()
+        seq.kv_bytes_peak = max(seq.kv_bytes_peak, held)
+        seq.kv_bytes_final = held
+        seq.kv_tokens_final = state.fill
+        seq.kv_bytes_read = state.bytes_read
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            seq.kv_tokens_per_layer = self.pool.tokens_per_layer(seq.slot)
+            self.pool.free(seq.slot)
+            seq.slot = None
+        self.staging.pop(seq.seq_id, None)

@@ -1,0 +1,71 @@
+"""FIFO scheduler: waiting and running queues, admission by free KV slots, chunked prefill.
+
+Each slot's capacity is fixed when the pool is built and a sequence is admitted only if its policy's
+capacity fits, so a running sequence can never run out of KV memory: admission is exact and no
+preemption is needed (with `snapstream` a sequence costs exactly its budget).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from longserve.engine.sequence import Sequence, Status
+from longserve.kv.cache import KVPool
+
+
+@dataclass
+class Step:
+    kind: str  # "prefill" or "decode"
+    seqs: list[Sequence]
+    n_tokens: int = 0  # prefill chunk length
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, prefill_chunk: int = 2048, max_waiting: int | None = None):
+        self.pool, self.prefill_chunk, self.max_waiting = pool, prefill_chunk, max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._last = "decode"
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        while self.waiting and self.pool.n_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.pool.allocate(seq.policy)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _chunk(self, seq: Sequence) -> int:
+        remaining = seq.prompt_len - seq.prefilled
+        if remaining <= self.prefill_chunk:
+            return remaining
+        # the final chunk must hold the policy's observation window (its queries vote)
+        tail = max(seq.policy.window, 1)
+        return min(self.prefill_chunk, remaining - tail)
+
+    def schedule(self) -> Step | None:
+        self._admit()
+        prefilling = [s for s in self.running if s.prefilled < s.prompt_len]
+        decoding = [s for s in self.running if s.prefilled == s.prompt_len]
+        # alternate prefill chunks and decode steps so a long prompt does not stall the batch
+        if prefilling and (not decoding or self._last == "decode"):
+            self._last = "prefill"
+            seq = prefilling[0]
+            return Step("prefill", [seq], self._chunk(seq))
+        if decoding:
+            self._last = "decode"
+            return Step("decode", decoding)
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

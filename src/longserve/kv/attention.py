@@ -1,0 +1,228 @@
+"""Attention backends: where the model's attention meets the KV pool and the policy.
+
+`PrefillBackend` runs one sequence's prompt (or a further chunk of it) and, on the final chunk, lets
+the policy choose which tokens the slot keeps. `DecodeBackend` runs one new token for a batch of
+sequences: it writes each token where its policy says (append, ring or evict), then attends over
+the slots in place, without copying the cache when the batch's slots are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longserve.kv import quest_pages
+from longserve.kv.cache import KVPool
+from longserve.kv.policies import ScoreInputs
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [H, L, D] or [H, L], index [H, n] -> entries of each head."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class PrefillBackend:
+    """One sequence, `T` new tokens at `positions`, on top of whatever its slot already holds."""
+
+    def __init__(self, pool: KVPool, slot: int, positions: torch.Tensor, final: bool = True, seed: int = 0,
+                 staging: tuple[KVPool, int] | None = None):
+        """`staging`: where earlier chunks of a long prompt wait, uncompressed, until the final chunk
+        lets the policy pick what the real slot keeps (chunked prefill of a compressed sequence)."""
+        self.pool, self.slot, self.positions, self.final, self.seed = pool, slot, positions, final, seed
+        self.src_pool, self.src_slot = staging or (pool, slot)
+        state = pool.slots[slot]
+        self.prefix_written = state.written
+        self.prefix_fill = self.src_pool.slots[self.src_slot].fill
+        self.new_fill = self.prefix_fill + len(positions)
+        self.into_slot = final or staging is None  # global layers write the real slot (else the staging)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, args = self.pool, self.pool.args
+        window = args.layer_windows[layer]
+        if window:
+            pk, pv, ppos = pool.layer_entries(layer, self.slot)
+        else:
+            pk, pv, ppos = self.src_pool.layer_entries(layer, self.src_slot)
+        t = k.shape[2]
+        if pk.shape[1] == 0 and window is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=args.scaling, enable_gqa=True)
+            keys, values = k[0], v[0]
+            key_pos = self.positions.expand(args.n_kv_heads, t)
+        else:
+            keys, values = torch.cat([pk, k[0]], 1), torch.cat([pv, v[0]], 1)
+            key_pos = torch.cat([ppos, self.positions.expand(args.n_kv_heads, t)], 1)
+            qp, kp = self.positions[:, None], key_pos[0][None, :]  # prefix tokens all precede new ones
+            mask = kp <= qp
+            if window:
+                mask &= (qp - kp) < window
+            out = F.scaled_dot_product_attention(
+                q, keys[None], values[None], attn_mask=mask, scale=args.scaling, enable_gqa=True
+            )
+        if window:
+            self._write_ring(layer, k[0], v[0])
+        else:
+            self._write_global(layer, q[0], keys, values, key_pos)
+        return out
+
+    def _write_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        pool = self.pool
+        cap = pool.layer_capacity[layer]
+        m = min(k.shape[1], cap)
+        index = (self.prefix_written + torch.arange(k.shape[1] - m, k.shape[1])) % cap
+        pool.k[layer][self.slot, :, index] = k[:, -m:]
+        pool.v[layer][self.slot, :, index] = v[:, -m:]
+        pool.pos[layer][self.slot, :, index] = self.positions[-m:]
+
+    def _write_global(self, layer, q, keys, values, key_pos) -> None:
+        policy = self.pool.slots[self.slot].policy
+        pool, slot = (self.pool, self.slot) if self.into_slot else (self.src_pool, self.src_slot)
+        total = keys.shape[1]
+        n_keep = policy.kept(total) if self.final else total
+        needs_scores = policy.decode == "evict"
+        scores = None
+        if n_keep < total or needs_scores:
+            inputs = ScoreInputs(layer, q, keys, values, key_pos[0], pool.args.scaling, self.seed)
+            if n_keep < total:
+                keep = policy.select(inputs, n_keep)
+                keys, values, key_pos = _gather(keys, keep), _gather(values, keep), _gather(key_pos, keep)
+            if needs_scores:
+                scores = policy.score(inputs).float().expand(keys.shape[0], total)
+                scores = _gather(scores, keep) if n_keep < total else scores
+        if n_keep > pool.capacity:
+            raise RuntimeError(f"slot capacity {pool.capacity} < {n_keep} kept tokens")
+        start = 0 if (n_keep < total or pool is not self.src_pool) else self.prefix_fill
+        new, src = slice(start, n_keep), slice(start, None)
+        pool.k[layer][slot, :, new] = keys[:, src]
+        pool.v[layer][slot, :, new] = values[:, src]
+        pool.pos[layer][slot, :, new] = key_pos[:, src]
+        if scores is not None:
+            pool.ensure_scores()
+            pool.scores[layer][slot, :, new] = scores[:, src]
+        self.new_fill = n_keep
+
+    def finish(self) -> None:
+        """Commit the book-keeping once every layer has run."""
+        state = self.pool.slots[self.slot]
+        t = len(self.positions)
+        state.written = self.prefix_written + t
+        state.next_pos = int(self.positions[-1]) + 1
+        if not self.into_slot:
+            self.src_pool.slots[self.src_slot].fill = self.new_fill
+            return
+        state.fill = self.new_fill
+        state.protected = state.policy.protected_prefix(state.fill)
+        state.ring_next = 0
+        state.peak_fill = max(state.peak_fill, state.fill)
+
+
+class DecodeBackend:
+    """One token for each of a batch of slots."""
+
+    def __init__(self, pool: KVPool, slots: list[int]):
+        self.pool, self.slots = pool, slots
+        b = len(slots)
+        self.slot_index = torch.tensor(slots)
+        self.contiguous = slots == list(range(b))
+        global_idx, sliding_idx, global_valid, positions = [], [], [], []
+        self.evict_rows = []
+        for row, slot in enumerate(slots):
+            state = pool.slots[slot]
+            policy = state.policy
+            if state.fill < pool.capacity:
+                global_idx.append(state.fill)
+                state.fill += 1
+            elif policy.decode == "ring" and pool.capacity > state.protected:
+                global_idx.append(state.protected + state.ring_next % (pool.capacity - state.protected))
+                state.ring_next += 1
+            elif policy.decode == "evict":
+                global_idx.append(-1)  # chosen per layer and head from the accumulated scores
+                self.evict_rows.append(row)
+            else:
+                raise RuntimeError(f"slot {slot} is full ({pool.capacity}) under policy '{policy.name}'")
+            sliding_idx.append(state.written)
+            global_valid.append(state.fill)
+            positions.append(state.next_pos)
+            state.written += 1
+            state.next_pos += 1
+            state.peak_fill = max(state.peak_fill, state.fill)
+        self.positions = torch.tensor(positions)
+        self.global_idx = torch.tensor(global_idx)
+        self.global_valid = torch.tensor(global_valid)
+        self.sliding_written = torch.tensor(sliding_idx)
+        self.track_scores = pool.scores is not None and any(
+            pool.slots[s].policy.decode == "evict" for s in slots
+        )
+        self.heads = torch.arange(pool.args.n_kv_heads)
+        entry = 2 * pool.args.n_kv_heads * pool.args.head_dim * pool.k[0].element_size()
+        self.sparse_rows = [r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)]
+        for slot in slots:  # what dense attention reads this step, over all layers
+            pool.slots[slot].bytes_read += entry * sum(pool.tokens_per_layer(slot))
+        for row in self.sparse_rows:
+            quest_pages.ensure(pool, slots[row])
+        self._masks: dict[int, torch.Tensor | None] = {}
+
+    def _valid(self, layer: int) -> torch.Tensor:
+        cap = self.pool.layer_capacity[layer]
+        if self.pool.args.layer_windows[layer]:
+            return torch.clamp(self.sliding_written + 1, max=cap)
+        return self.global_valid
+
+    def _write_index(self, layer: int) -> torch.Tensor:
+        """[B, Hkv] cache entry each sequence's new token goes to in this layer."""
+        pool = self.pool
+        b, h = len(self.slots), pool.args.n_kv_heads
+        if pool.args.layer_windows[layer]:
+            return (self.sliding_written % pool.layer_capacity[layer])[:, None].expand(b, h)
+        index = self.global_idx[:, None].expand(b, h).clone()
+        if self.evict_rows:
+            rows = torch.tensor(self.evict_rows)
+            slots = self.slot_index[rows]
+            window = torch.tensor([pool.slots[self.slots[r]].policy.window for r in self.evict_rows])
+            scores = pool.scores[layer][slots].clone()  # [R, Hkv, C]
+            recent = pool.pos[layer][slots] > (self.positions[rows] - window)[:, None, None]
+            scores[recent] = float("inf")
+            index[rows] = scores.argmin(-1)
+        return index
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool = self.pool
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        index = self._write_index(layer)
+        rows = self.slot_index[:, None].expand(b, hkv)
+        heads = self.heads[None, :].expand(b, hkv)
+        pool.k[layer][rows, heads, index] = k[:, :, 0]
+        pool.v[layer][rows, heads, index] = v[:, :, 0]
+        pool.pos[layer][rows, heads, index] = self.positions[:, None].expand(b, hkv)
+        if self.track_scores:
+            pool.scores[layer][rows, heads, index] = 0.0
+        if self.sparse_rows and not pool.args.layer_windows[layer]:
+            quest_pages.update(pool, layer, [self.slots[r] for r in self.sparse_rows],
+                               index[self.sparse_rows, 0], k[self.sparse_rows, :, 0])
+
+        valid = self._valid(layer)
+        limit = int(valid.max())
+        if self.contiguous:
+            keys, values = pool.k[layer][:b, :, :limit], pool.v[layer][:b, :, :limit]
+        else:
+            keys, values = pool.k[layer][self.slot_index, :, :limit], pool.v[layer][self.slot_index, :, :limit]
+        mask = None
+        if int(valid.min()) < limit:
+            mask = (torch.arange(limit)[None, :] < valid[:, None])[:, None, None, :]
+        qg = q.view(b, hkv, hq // hkv, d)  # each KV head's query group attends as a tiny query block
+        if self.track_scores:
+            logits = (qg @ keys.transpose(-1, -2)) * pool.args.scaling
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probs = logits.float().softmax(-1)
+            out = (probs.to(values.dtype) @ values)
+            pool.scores[layer][self.slot_index, :, :limit] += probs.sum(2)
+        else:
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=pool.args.scaling)
+        if self.sparse_rows and not pool.args.layer_windows[layer]:
+            out = out.clone()
+            for row in self.sparse_rows:  # Quest: attend over the selected pages only
+                out[row] = quest_pages.attend(pool, layer, self.slots[row], qg[row], int(valid[row]))
+        return out.view(b, hq, 1, d)

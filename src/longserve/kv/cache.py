@@ -1,0 +1,113 @@
+"""The KV cache the engine owns: a pool of sequence slots with physically compact K/V tensors.
+
+Layout per layer: K and V are `[slots, kv_heads, capacity, head_dim]` and every entry records the
+original position of its token (`pos`, -1 when empty). Keys are stored *after* RoPE, so evicting a
+token never changes the phase of the tokens that stay; new tokens are rotated at their original
+position (`SlotState.next_pos`), not at the cache length. A slot's capacity is fixed when the pool is
+built (the policy's budget for fixed-size policies), which gives every sequence a static shape: the
+bytes a compressed sequence holds are `capacity * bytes_per_token`, measured, not masked.
+
+Sliding-window layers (Gemma3, Mistral) are never compressed: they keep a ring of their window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from longserve.errors import InvalidParameterError
+from longserve.kv.policies import Policy
+from longserve.model.config import ModelArgs
+
+
+@dataclass
+class SlotState:
+    """Book-keeping of one sequence's cache, shared by all global-attention layers."""
+
+    policy: Policy
+    fill: int = 0  # entries in use in global layers (all heads, all layers hold the same count)
+    protected: int = 0  # leading entries a ring never overwrites (sinks + selected middle)
+    ring_next: int = 0  # next ring victim, relative to `protected`
+    written: int = 0  # tokens ever written (drives the sliding-layer ring)
+    next_pos: int = 0  # original position of the next token
+    peak_fill: int = 0
+    bytes_read: int = 0  # K/V bytes read by attention during decode (Quest saves these)
+    stats: dict = field(default_factory=dict)
+
+
+class KVPool:
+    def __init__(self, args: ModelArgs, n_slots: int, capacity: int, max_tokens: int | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if n_slots <= 0 or capacity <= 0:
+            raise InvalidParameterError("a KV pool needs at least one slot of capacity >= 1")
+        self.args, self.n_slots, self.capacity, self.dtype = args, n_slots, capacity, dtype
+        max_tokens = max_tokens or capacity
+        self.layer_capacity = [min(w, max_tokens) if w else capacity for w in args.layer_windows]
+        shape = (n_slots, args.n_kv_heads)
+        self.k = [torch.empty(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
+        self.v = [torch.empty(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
+        self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
+        self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
+        self.slots: list[SlotState | None] = [None] * n_slots
+        self.free_slots = list(range(n_slots - 1, -1, -1))
+
+    # ---- slots -------------------------------------------------------------------------------
+    def allocate(self, policy: Policy) -> int:
+        if not self.free_slots:
+            raise RuntimeError("KV pool exhausted: the scheduler admitted more sequences than slots")
+        slot = self.free_slots.pop()
+        self.slots[slot] = SlotState(policy)
+        for pos in self.pos:
+            pos[slot].fill_(-1)
+        if policy.decode == "evict":
+            self.ensure_scores()
+            for s in self.scores:
+                s[slot].zero_()
+        return slot
+
+    def free(self, slot: int) -> None:
+        if self.slots[slot] is None:
+            return
+        self.slots[slot] = None
+        self.free_slots.append(slot)
+        self.free_slots.sort(reverse=True)  # lowest slot first keeps a batch contiguous
+
+    def ensure_scores(self) -> None:
+        if self.scores is None:
+            self.scores = [torch.zeros(p.shape, dtype=torch.float32) for p in self.pos]
+
+    @property
+    def n_free(self) -> int:
+        return len(self.free_slots)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def slot_nbytes(self) -> int:
+        """Bytes of K/V one slot physically occupies across all layers."""
+        per_entry = 2 * self.args.n_kv_heads * self.args.head_dim * self.k[0].element_size()
+        return per_entry * sum(self.layer_capacity)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
+
+    def held_nbytes(self, slot: int) -> int:
+        """Bytes of K/V actually in use by a slot's tokens."""
+        state = self.slots[slot]
+        per_entry = 2 * self.args.n_kv_heads * self.args.head_dim * self.k[0].element_size()
+        total = 0
+        for w, cap in zip(self.args.layer_windows, self.layer_capacity, strict=True):
+            total += min(state.written, cap) if w else state.fill
+        return per_entry * total
+
+    def tokens_per_layer(self, slot: int) -> list[int]:
+        state = self.slots[slot]
+        return [min(state.written, c) if w else state.fill
+                for w, c in zip(self.args.layer_windows, self.layer_capacity, strict=True)]
+
+    # ---- views -------------------------------------------------------------------------------
+    def layer_entries(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K, V, pos) of the valid entries of one slot in one layer: [Hkv, n, D], [Hkv, n, D], [Hkv, n]."""
+        state = self.slots[slot]
+        cap = self.layer_capacity[layer]
+        n = min(state.written, cap) if self.args.layer_windows[layer] else state.fill
+        return self.k[layer][slot, :, :n], self.v[layer][slot, :, :n], self.pos[layer][slot, :, :n]

@@ -1,0 +1,125 @@
+"""The base every KV policy extends: a policy only *scores* cached tokens; this class does the pruning.
+
+One policy = one small file with a `@dataclass` subclass that overrides `score()` (kvpress style),
+plus one line in `longserve.kv.policies.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from longserve.errors import InvalidParameterError
+
+
+@dataclass
+class ScoreInputs:
+    """What a scorer may look at for one layer of one sequence at the end of prefill."""
+
+    layer: int
+    queries: torch.Tensor  # [Hq, Tq, D] post-RoPE queries of the last prefill chunk (the prompt's tail)
+    keys: torch.Tensor  # [Hkv, L, D] post-RoPE keys of the whole prompt
+    values: torch.Tensor  # [Hkv, L, D]
+    positions: torch.Tensor  # [L] original positions
+    scaling: float
+    seed: int = 0
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[0] // self.keys.shape[0]
+
+    def attention(self, n_queries: int | None = None) -> torch.Tensor:
+        """Softmax attention of the last `n_queries` prompt queries over all keys, causally masked,
+        GQA-aggregated to KV heads (mean over each group): [Hkv, n_queries, L].
+
+        Aggregating instead of expanding keeps KV heads shared between query heads, so the
+        selection never inflates memory to query-head count."""
+        q = self.queries if n_queries is None else self.queries[:, -n_queries:]
+        hq, tq, d = q.shape
+        hkv, length, _ = self.keys.shape
+        qg = q.reshape(hkv, self.group_size * tq, d)
+        logits = (qg @ self.keys.transpose(1, 2)).float() * self.scaling  # [Hkv, G*Tq, L]
+        q_pos = torch.arange(length - tq, length).repeat(self.group_size)
+        causal = torch.arange(length)[None, :] <= q_pos[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        probs = logits.softmax(-1).view(hkv, self.group_size, tq, length)
+        return probs.mean(1)
+
+
+@dataclass
+class Policy:
+    """Budgets: `budget` tokens (sinks + selected + recent window), or `ratio` of the prompt.
+
+    `decode` says what happens once generation starts:
+      - "append": the cache grows by one token per step (capacity = kept prompt + max_new_tokens);
+      - "ring": a fixed-size cache; new tokens overwrite the oldest token of the recent region, so a
+        sequence never holds more than its budget (StreamingLLM, SAGE-KV, SnapStream);
+      - "evict": a fixed-size cache; each new token replaces the lowest-scored old one (H2O).
+    """
+
+    budget: int | None = None
+    ratio: float | None = None
+    window: int = 32  # recent tokens always kept
+    n_sink: int = 0  # first tokens always kept
+
+    name: ClassVar[str] = "base"
+    decode: ClassVar[str] = "append"
+    compresses: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not self.compresses:
+            return
+        if (self.budget is None) == (self.ratio is None):
+            raise InvalidParameterError(f"policy '{self.name}' needs exactly one of budget= or ratio=")
+        if self.budget is not None and self.budget <= 0:
+            raise InvalidParameterError(f"kv budget must be > 0 tokens, got {self.budget}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise InvalidParameterError(f"kv ratio must be in (0, 1], got {self.ratio}")
+        if self.window < 0 or self.n_sink < 0:
+            raise InvalidParameterError("window and n_sink must be >= 0")
+        if self.budget is not None and self.window + self.n_sink > self.budget:
+            raise InvalidParameterError(
+                f"window ({self.window}) + sinks ({self.n_sink}) exceed the kv budget ({self.budget}); "
+                "lower --kv-window or raise --kv-budget"
+            )
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def kept(self, prompt_len: int) -> int:
+        """Tokens kept after prefill; a prompt within budget is never compressed."""
+        if not self.compresses:
+            return prompt_len
+        target = self.budget if self.budget is not None else max(1, math.ceil(self.ratio * prompt_len))
+        target = max(target, min(prompt_len, self.window + self.n_sink))
+        return min(prompt_len, target)
+
+    def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Physical cache slots one sequence needs: the static shape a scheduler can plan with."""
+        if self.decode == "append":
+            return self.kept(prompt_len) + max_new_tokens
+        fixed = self.budget if self.budget is not None else self.kept(prompt_len)
+        return max(1, min(fixed, prompt_len + max_new_tokens))
+
+    def protected_prefix(self, kept: int) -> int:
+        """How many leading cache entries a ring never overwrites (sinks + selected middle)."""
+        return max(self.n_sink, kept - self.window)
+
+    # ---- selection ---------------------------------------------------------------------------
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        """[Hkv, L] importance of each cached token; higher is kept. Subclasses override."""
+        raise NotImplementedError
+
+    def select(self, inputs: ScoreInputs, n_keep: int) -> torch.Tensor:
+        """Indices [Hkv, n_keep] of tokens to keep, in original order per head."""
+        hkv, length, _ = inputs.keys.shape
+        scores = self.score(inputs).float()
+        scores = scores.clone() if scores.shape == (hkv, length) else scores.expand(hkv, length).clone()
+        forced = torch.zeros(length, dtype=torch.bool)
+        forced[: self.n_sink] = True
+        if self.window:
+            forced[max(0, length - self.window) :] = True
+        scores[:, forced] = float("inf")
+        keep = scores.topk(n_keep, dim=-1).indices
+        return keep.sort(dim=-1).values

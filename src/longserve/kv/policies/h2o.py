@@ -1,0 +1,19 @@
+"""H2O (Zhang et al., 2023): heavy hitters by accumulated attention + a recent window; during decode
+each new token evicts the lowest-scored old token that is not recent."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from longserve.kv.policies.base import Policy, ScoreInputs
+
+
+@dataclass
+class H2OPolicy(Policy):
+    name: ClassVar[str] = "h2o"
+    decode: ClassVar[str] = "evict"
+    window: int = 32
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        return inputs.attention().sum(1)  # attention mass received from every query in the chunk

@@ -1,0 +1,171 @@
+"""The Python API: `LLM(model, kv_policy=..., kv_budget=...).generate(prompts, ...)`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from longserve.context import CompressedContext
+from longserve.engine.engine import LLMEngine, StepOutput
+from longserve.engine.sampler import SamplingParams
+from longserve.errors import InvalidParameterError
+from longserve.kv.policies import FullPolicy, Policy, make_policy
+from longserve.loader import DTYPES, LoadedModel, load
+from longserve.zoo import DEFAULT_MODEL
+
+Prompt = str | list[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str | None
+    stats: dict = field(default_factory=dict)
+
+
+class LLM:
+    """Load a model once, then generate under any KV policy.
+
+    `kv_policy` / `kv_budget` (tokens) / `kv_ratio` (of the prompt) set the default policy; every
+    call may override them. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
+    policy's constructor.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, kv_policy: str = "full", kv_budget: int | None = None,
+                 kv_ratio: float | None = None, dtype: str = "float32", max_batch_size: int = 8,
+                 prefill_chunk: int = 4096, threads: int | None = None, progress: bool = True,
+                 loaded: LoadedModel | None = None, **policy_kwargs):
+        if dtype not in DTYPES:
+            raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.loaded = loaded or load(model, dtype=dtype, progress=progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.dtype = DTYPES[dtype]
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.default_policy = (kv_policy, kv_budget, kv_ratio, policy_kwargs)
+        make_policy(kv_policy, budget=kv_budget, ratio=kv_ratio, **policy_kwargs)  # fail early on bad input
+
+    # ---- prompts -------------------------------------------------------------------------------
+    @property
+    def context_window(self) -> int:
+        return self.loaded.context_window
+
+    @property
+    def fingerprint(self) -> str:
+        args = json.dumps(asdict(self.loaded.args), sort_keys=True, default=str)
+        weights = self.loaded.model.lm_head.weight
+        probe = f"{args}|{float(weights[:4, :4].double().sum()):.10e}|{self.dtype}"
+        return f"{self.loaded.args.family}-{hashlib.sha256(probe.encode()).hexdigest()[:16]}"
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not self.tokenizer.chat_template:
+            raise InvalidParameterError("this model has no chat template: pass raw text instead of messages")
+        return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+
+    def split_chat(self, context: str, question: str) -> tuple[list[int], list[int]]:
+        """Token ids of (everything up to the end of the context, the rest) for one user turn that reads
+        `context + "\\n\\n" + question`: the prefix can be compressed before the question is known."""
+        marker = "\u2063LONGSERVE_SPLIT\u2063"
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{context}{marker}\n\n{question}"}], add_generation_prompt=True,
+                tokenize=False)
+        else:
+            text = f"{context}{marker}\n\n{question}\n"
+        head, tail = text.split(marker)
+        has_bos_in_text = self.tokenizer.bos_token and head.startswith(self.tokenizer.bos_token)
+        head_ids = self.tokenizer.encode(head, add_special_tokens=not has_bos_in_text)
+        tail_ids = self.tokenizer.encode(tail, add_special_tokens=False)
+        return head_ids, tail_ids
+
+    def policy(self, kv_policy=None, kv_budget=None, kv_ratio=None, **kwargs) -> Policy:
+        if isinstance(kv_policy, Policy):
+            return kv_policy
+        name, budget, ratio, defaults = self.default_policy
+        if kv_policy is not None and kv_policy != name:
+            budget, ratio, defaults = None, None, {}
+        merged = {**defaults, **kwargs}
+        return make_policy(kv_policy or name, budget=kv_budget or budget, ratio=kv_ratio or ratio, **merged)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _engine(self, n_slots: int, capacity: int) -> LLMEngine:
+        return LLMEngine(self.loaded, n_slots, capacity, max_tokens=self.context_window,
+                         prefill_chunk=self.prefill_chunk, dtype=self.dtype)
+
+    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                 kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
+                 progress: bool = False, **policy_kwargs) -> list[Completion]:
+        """Generate for a batch of prompts; sequences are decoded together, up to `max_batch_size`."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            return []
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
+        policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+        encoded = [self.encode(p) for p in batch]
+        capacity = max(policy.capacity(len(ids), max_new_tokens) for ids in encoded)
+        engine = self._engine(min(len(batch), self.max_batch_size), capacity)
+        seqs = [engine.add_request(ids, params, policy) for ids in encoded]
+        total = sum(len(ids) + max_new_tokens for ids in encoded)
+        with tqdm(total=total, disable=not progress, desc="generate", unit="tok") as bar:
+            while engine.has_unfinished():
+                before = sum(s.prefilled + len(s.output_ids) for s in seqs)
+                engine.step()
+                bar.update(sum(s.prefilled + len(s.output_ids) for s in seqs) - before)
+        return [Completion(s.text, s.output_ids, s.prompt_len, s.finish_reason, s.stats()) for s in seqs]
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+               kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
+               prefix: CompressedContext | None = None, **policy_kwargs) -> Iterator[StepOutput]:
+        """Yield text pieces as they are generated; the last output has `finished=True` and the stats."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
+        policy = FullPolicy() if prefix is not None else self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+        ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) else self.encode(prompt)
+        capacity = policy.capacity(len(ids), max_new_tokens) + (prefix.fill if prefix is not None else 0)
+        engine = self._engine(1, capacity)
+        engine.add_request(ids, params, policy, prefix=prefix)
+        while engine.has_unfinished():
+            yield from engine.step()
+
+    # ---- compress once, ask many ---------------------------------------------------------------
+    def compress(self, context: str | list[int], kv_policy: str | Policy | None = None, kv_budget: int | None = None,
+                 kv_ratio: float | None = None, **policy_kwargs) -> CompressedContext:
+        """Compress a context before any question is known (query-agnostic). With a chat model the
+        context is the opening of a user turn; `ask()` appends the question and the turn's end."""
+        policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+        ids = context if isinstance(context, list) else self.split_chat(context, "")[0]
+        params = SamplingParams(max_new_tokens=1)
+        engine = self._engine(1, policy.capacity(len(ids), 0))
+        seq = engine.add_request(ids, params, policy)
+        engine.scheduler._admit()
+        while seq.prefilled < seq.prompt_len:
+            step = engine.scheduler.schedule()
+            engine.runner.prefill(seq, step.n_tokens)
+        record = {"name": policy.name, **{k: v for k, v in asdict(policy).items()}}
+        ctx = CompressedContext.from_slot(engine.pool, seq.slot, self.fingerprint, record, len(ids))
+        engine.abort(seq.request_id)
+        return ctx
+
+    def ask(self, ctx: CompressedContext, question: str, max_new_tokens: int = 64, **sampling) -> Completion:
+        """Answer one question from a compressed context; the context itself is not modified."""
+        if ctx.model_fingerprint != self.fingerprint:
+            raise InvalidParameterError("this compressed context was made with another model")
+        marker_free_tail = self.split_chat("", question)[1]
+        last = None
+        for out in self.stream(marker_free_tail, max_new_tokens=max_new_tokens, prefix=ctx, **sampling):
+            last = out
+        seq = last.seq
+        return Completion(seq.text, seq.output_ids, seq.prompt_len, seq.finish_reason, seq.stats())

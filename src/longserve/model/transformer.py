@@ -1,0 +1,166 @@
+"""A plain-PyTorch decoder (gpt-fast style) for the Llama, Mistral, Qwen2, Qwen3 and Gemma3 families.
+
+Weights keep Hugging Face's parameter names, so a HF state dict loads as is. The model never
+touches a KV cache itself: every attention layer hands its post-RoPE queries, keys and values to
+an `AttentionBackend` (see `longserve.kv.attention`), which owns caching, eviction and masking.
+That is what lets one model serve every compression policy and every batching scheme.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longserve.model.config import ModelArgs
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [B, Hq, T, D], k/v: [B, Hkv, T, D] for the new tokens; returns [B, Hq, T, D]."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma multiplies in fp32 before casting
+            return (normed * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * normed.type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.args = layer, args
+        d, hd = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(d, args.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(d, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(d, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * hd, d, bias=False)
+        if args.qk_norm:
+            offset = 1.0 if args.gemma_style else 0.0
+            self.q_norm = RMSNorm(hd, args.rms_eps, offset)
+            self.k_norm = RMSNorm(hd, args.rms_eps, offset)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend):
+        b, t, _ = x.shape
+        hd = self.args.head_dim
+        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = backend.attend(self.layer, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gemma_style = args.gemma_style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gemma_style else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        offset = 1.0 if args.gemma_style else 0.0
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_eps, offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_eps, offset)
+        self.sandwich = args.gemma_style
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, args.rms_eps, offset)
+
+    def forward(self, x, cos, sin, backend):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_eps, 1.0 if args.gemma_style else 0.0)
+
+
+class CausalLM(nn.Module):
+    """`forward(ids, positions, backend)` -> logits. Positions are explicit per token, so evicted or
+    skipped tokens never shift the RoPE phase of what comes after them."""
+
+    def __init__(self, args: ModelArgs, rope: dict[str, tuple[torch.Tensor, float]]):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope_kinds = list(rope)
+        # plain attributes, not buffers: the frequencies stay fp32 whatever dtype the weights take
+        self.inv_freq = {kind: inv_freq.float() for kind, (inv_freq, _) in rope.items()}
+        self.rope_scale = {kind: scale for kind, (_, scale) in rope.items()}
+        self.layer_rope_index = [self.rope_kinds.index(k) for k in args.layer_rope]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin per RoPE kind for positions [B, T], shaped [B, 1, T, D] to broadcast over heads."""
+        out = []
+        for kind in self.rope_kinds:
+            freqs = positions[..., None].float() * self.inv_freq[kind]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = self.rope_scale[kind]
+            out.append(((emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]))
+        return out
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, backend) -> torch.Tensor:
+        x = self.model.embed_tokens(ids)
+        if self.args.gemma_style:
+            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype)
+        tables = self.rope(positions, x.dtype)
+        for layer, rope_index in zip(self.model.layers, self.layer_rope_index, strict=True):
+            cos, sin = tables[rope_index]
+            x = layer(x, cos, sin, backend)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.args.final_softcap:
+            cap = self.args.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, backend, last_only: bool = True):
+        hidden = self.hidden_states(ids, positions, backend)
+        return self.logits(hidden[:, -1] if last_only else hidden)
