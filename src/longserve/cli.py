@@ -82,18 +82,26 @@ def print_stats(stats: dict, out=sys.stderr) -> None:
 
 def cmd_generate(args) -> int:
     from longserve.llm import LLM
+    from longserve.specprefill.cli import from_args, summary
+    from longserve.specprefill.compress import with_stats
 
     text = read_prompt(args)
+    spec_prefill = from_args(args)
     llm = LLM(args.model, dtype=args.dtype, **({"threads": args.threads} if args.threads else {}))
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, **policy_kwargs(args))
+    stream = spec_prefill.stream(llm, prompt, **kwargs) if spec_prefill else llm.stream(prompt, **kwargs)
     last = None
-    for out in llm.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                          **policy_kwargs(args)):
+    for out in stream:
         print(out.new_text, end="", flush=True)
         last = out
     print()
-    print_stats(last.seq.stats())
+    stats = last.seq.stats()
+    if spec_prefill:
+        print(summary(last.seq.spec_prefill, args.prefill_draft), file=sys.stderr)
+        stats = with_stats(stats, last.seq.spec_prefill)
+    print_stats(stats)
     return 0
 
 
@@ -146,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     add_sampling_args(p)
     add_policy_args(p)
+    from longserve.specprefill.cli import add_args as add_spec_prefill_args
+
+    add_spec_prefill_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="one long document, one question, answered under several KV policies")
@@ -168,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_ask)
 
-    for extra in ("eval", "serve"):
+    for extra in ("eval", "server", "proxy"):
         try:
             module = __import__(f"longserve.{extra}.cli", fromlist=["register"])
         except ImportError:

@@ -36,11 +36,15 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.pool)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
+        self.last_step = None  # what the latest step() ran (the server fails exactly those on errors)
 
     # ---- requests ------------------------------------------------------------------------------
-    def check(self, prompt_len: int, params: SamplingParams, policy: Policy, prefix=None) -> None:
+    def check(self, prompt_len: int, params: SamplingParams, policy: Policy, prefix=None,
+              positions: list[int] | None = None) -> None:
         window = self.loaded.context_window
         offset = prefix.next_pos if prefix is not None else 0
+        if positions:  # a pruned prompt still decodes at its original length
+            offset += positions[-1] + 1 - prompt_len
         if prompt_len == 0:
             raise InvalidParameterError("the prompt is empty")
         if offset + prompt_len + params.max_new_tokens > window:
@@ -57,7 +61,7 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, policy: Policy,
                     request_id: str = "", positions: list[int] | None = None, prefix=None) -> Sequence:
-        self.check(len(prompt_ids), params, policy, prefix)
+        self.check(len(prompt_ids), params, policy, prefix, positions)
         seq = Sequence(list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions,
                        prefix=prefix)
         self.sequences[seq.request_id] = seq
@@ -76,7 +80,7 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        step = self.scheduler.schedule()
+        step = self.last_step = self.scheduler.schedule()
         if step is None:
             return []
         if step.kind == "prefill":

@@ -27,10 +27,12 @@ class PrefillBackend:
     """One sequence, `T` new tokens at `positions`, on top of whatever its slot already holds."""
 
     def __init__(self, pool: KVPool, slot: int, positions: torch.Tensor, final: bool = True, seed: int = 0,
-                 staging: tuple[KVPool, int] | None = None):
+                 staging: tuple[KVPool, int] | None = None, compress: bool = True):
         """`staging`: where earlier chunks of a long prompt wait, uncompressed, until the final chunk
-        lets the policy pick what the real slot keeps (chunked prefill of a compressed sequence)."""
-        self.pool, self.slot, self.positions, self.final, self.seed = pool, slot, positions, final, seed
+        lets the policy pick what the real slot keeps (chunked prefill of a compressed sequence).
+        `compress=False` appends without running the policy (e.g. speculative verification)."""
+        self.pool, self.slot, self.positions, self.seed = pool, slot, positions, seed
+        self.final = final and compress
         self.src_pool, self.src_slot = staging or (pool, slot)
         state = pool.slots[slot]
         self.prefix_written = state.written
@@ -114,6 +116,8 @@ class PrefillBackend:
         state.fill = self.new_fill
         state.protected = state.policy.protected_prefix(state.fill)
         state.ring_next = 0
+        if state.policy.decode != "append":  # a fixed-size policy never outgrows its budget
+            state.limit = min(self.pool.capacity, state.policy.budget or state.fill)
         state.peak_fill = max(state.peak_fill, state.fill)
 
 
@@ -130,17 +134,17 @@ class DecodeBackend:
         for row, slot in enumerate(slots):
             state = pool.slots[slot]
             policy = state.policy
-            if state.fill < pool.capacity:
+            if state.fill < state.limit:
                 global_idx.append(state.fill)
                 state.fill += 1
-            elif policy.decode == "ring" and pool.capacity > state.protected:
-                global_idx.append(state.protected + state.ring_next % (pool.capacity - state.protected))
+            elif policy.decode == "ring" and state.limit > state.protected:
+                global_idx.append(state.protected + state.ring_next % (state.limit - state.protected))
                 state.ring_next += 1
             elif policy.decode == "evict":
                 global_idx.append(-1)  # chosen per layer and head from the accumulated scores
                 self.evict_rows.append(row)
             else:
-                raise RuntimeError(f"slot {slot} is full ({pool.capacity}) under policy '{policy.name}'")
+                raise RuntimeError(f"slot {slot} is full ({state.limit}) under policy '{policy.name}'")
             sliding_idx.append(state.written)
             global_valid.append(state.fill)
             positions.append(state.next_pos)
@@ -182,7 +186,9 @@ class DecodeBackend:
             window = torch.tensor([pool.slots[self.slots[r]].policy.window for r in self.evict_rows])
             scores = pool.scores[layer][slots].clone()  # [R, Hkv, C]
             recent = pool.pos[layer][slots] > (self.positions[rows] - window)[:, None, None]
-            scores[recent] = float("inf")
+            limit = torch.tensor([pool.slots[self.slots[r]].limit for r in self.evict_rows])
+            unused = torch.arange(scores.shape[-1])[None, None, :] >= limit[:, None, None]
+            scores[recent | unused] = float("inf")
             index[rows] = scores.argmin(-1)
         return index
 

@@ -31,6 +31,7 @@ class SlotState:
     ring_next: int = 0  # next ring victim, relative to `protected`
     written: int = 0  # tokens ever written (drives the sliding-layer ring)
     next_pos: int = 0  # original position of the next token
+    limit: int = 0  # most entries this sequence may hold in global layers (its budget, capped by the slot)
     peak_fill: int = 0
     bytes_read: int = 0  # K/V bytes read by attention during decode (Quest saves these)
     stats: dict = field(default_factory=dict)
@@ -45,8 +46,9 @@ class KVPool:
         max_tokens = max_tokens or capacity
         self.layer_capacity = [min(w, max_tokens) if w else capacity for w in args.layer_windows]
         shape = (n_slots, args.n_kv_heads)
-        self.k = [torch.empty(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
-        self.v = [torch.empty(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
+        # zeros, not empty: masked-out entries still meet V in `probs @ V`, and 0 * NaN garbage is NaN
+        self.k = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
+        self.v = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
         self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
         self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
         self.slots: list[SlotState | None] = [None] * n_slots
@@ -57,7 +59,7 @@ class KVPool:
         if not self.free_slots:
             raise RuntimeError("KV pool exhausted: the scheduler admitted more sequences than slots")
         slot = self.free_slots.pop()
-        self.slots[slot] = SlotState(policy)
+        self.slots[slot] = SlotState(policy, limit=self.capacity)
         for pos in self.pos:
             pos[slot].fill_(-1)
         if policy.decode == "evict":

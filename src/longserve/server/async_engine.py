@@ -1,0 +1,270 @@
+"""The engine behind the HTTP server: one thread owns the `LLMEngine` and loops `step()`.
+
+The engine is not thread-safe, so every mutation (add, abort, step) happens on that thread; requests
+arrive through a thread-safe queue and each request's `StepOutput`s go back to its asyncio queue with
+`loop.call_soon_threadsafe`. Failures are contained: an exception while handling one request fails
+that request; if `step()` itself raises, the requests of that step are failed and aborted (their slots
+freed) and the loop keeps serving the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from longserve.engine.engine import LLMEngine, StepOutput
+from longserve.engine.sampler import SamplingParams
+from longserve.engine.scheduler import Step
+from longserve.errors import LongserveError
+from longserve.kv.policies import Policy
+from longserve.server.errors import APIError, QueueFullError, RequestFailedError
+from longserve.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+_CLOSED = object()  # wakes a reader whose stream was closed under it
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    policy: Policy
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.perf_counter)
+    waiting: bool = True  # counted against max_waiting until it holds a KV slot
+    last_token_at: float | None = None
+
+
+class RequestStream:
+    """The async iterator of one request's outputs; `close()` aborts it unless it finished.
+
+    Closing is idempotent and safe from any code path (a generator `finally`, a response background
+    task), so a client that goes away at any moment frees its KV slot."""
+
+    def __init__(self, engine: AsyncEngine, request: _Request):
+        self._engine, self._request, self._done = engine, request, False
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._request.queue.get()
+        if item is _CLOSED:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._send(("abort", self._request.request_id))
+            self._request.queue.put_nowait(_CLOSED)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None, metrics: Metrics | None = None):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.metrics = metrics or Metrics()
+        self.metrics.kv_slots.set(engine.pool.n_slots)
+        self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._lock = threading.Lock()
+        self._n_waiting = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_step: Step | None = None
+        self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
+        schedule = engine.scheduler.schedule
+
+        def traced_schedule() -> Step | None:
+            """Sees admissions as they happen and remembers which sequences a failing step() touched."""
+            self._last_step = None
+            self._last_step = schedule()
+            running = engine.scheduler.running
+            self.max_running_seen = max(self.max_running_seen, len(running))
+            for seq in running:
+                request = self._requests.get(seq.request_id)
+                if request is not None and request.waiting:
+                    self._not_waiting(request)
+            return self._last_step
+
+        engine.scheduler.schedule = traced_schedule
+
+    # ---- any thread ----------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="longserve-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._send(("stop", None))
+        self._thread.join(timeout)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, policy: Policy,
+               request_id: str) -> RequestStream:
+        """Queue a request (raises `QueueFullError` at once if too many wait); iterate the result."""
+        if self._stopping:
+            raise APIError("the server is shutting down", status_code=503, error_type="server_error")
+        self.start()
+        request = _Request(request_id, prompt_ids, params, policy, asyncio.get_running_loop())
+        with self._lock:
+            if self.max_waiting is not None and self._n_waiting >= self.max_waiting:
+                raise QueueFullError(self._n_waiting)
+            self._n_waiting += 1
+        self._send(("add", request))
+        return RequestStream(self, request)
+
+    def _send(self, command: tuple) -> None:
+        self._inbox.put(command)
+
+    def _not_waiting(self, request: _Request) -> None:
+        with self._lock:
+            if request.waiting:
+                request.waiting = False
+                self._n_waiting -= 1
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._step()
+                self._refresh_gauges()
+            except Exception:  # a bug here must not strand every client: log it and keep serving
+                log.exception("engine loop error")
+                time.sleep(0.01)
+        for request in list(self._requests.values()):
+            self._fail(request, APIError("the server is shutting down", status_code=503,
+                                         error_type="server_error"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(block=block)
+            while True:
+                self._handle(*command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "stop":
+            self._stopping = True
+        elif kind == "add":
+            self._add(payload)
+        elif kind == "abort":
+            request = self._requests.pop(payload, None)
+            if request is not None:
+                self._not_waiting(request)
+                self._abort_in_engine(payload)
+                self.metrics.requests.labels("abort").inc()
+
+    def _add(self, request: _Request) -> None:
+        self._requests[request.request_id] = request
+        try:
+            seq = self.engine.add_request(request.prompt_ids, request.params, request.policy,
+                                          request_id=request.request_id)
+            seq.arrival = request.arrival  # TTFT counts the time spent in our queue too
+        except Exception as exc:  # a bad request must not stop the loop
+            self._fail(request, exc)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            step = self._last_step
+            seqs = step.seqs if step is not None else list(self.engine.scheduler.running)
+            log.exception("engine step failed; failing %d request(s)", len(seqs))
+            for seq in seqs:
+                request = self._requests.get(seq.request_id)
+                if request is not None:
+                    self._fail(request, exc)
+                else:
+                    self._abort_in_engine(seq.request_id)
+            return
+        for out in outputs:
+            request = self._requests.get(out.seq.request_id)
+            if request is None:
+                continue
+            try:
+                self._on_output(request, out)
+            except Exception as exc:
+                log.exception("request %s failed", request.request_id)
+                self._fail(request, exc)
+
+    def _on_output(self, request: _Request, out: StepOutput) -> None:
+        seq, m = out.seq, self.metrics
+        now = seq.token_times[-1]
+        if request.last_token_at is None:
+            m.ttft.observe(now - request.arrival)
+            m.prompt_tokens.inc(seq.prompt_len)
+        else:
+            m.itl.observe(now - request.last_token_at)
+        request.last_token_at = now
+        m.generation_tokens.inc()
+        if out.finished:
+            self._requests.pop(request.request_id, None)
+            m.e2e.observe(seq.finished_at - request.arrival)
+            m.compression.observe(seq.stats()["compression_ratio"])
+            m.requests.labels(seq.finish_reason or "unknown").inc()
+        self._deliver(request, out)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        self._requests.pop(request.request_id, None)
+        self._not_waiting(request)
+        self._abort_in_engine(request.request_id)
+        self.metrics.requests.labels("error").inc()
+        self._deliver(request, exc if isinstance(exc, LongserveError) else RequestFailedError(exc))
+
+    def _abort_in_engine(self, request_id: str) -> None:
+        """Abort, and if the engine is in a state where that raises, at least never schedule it again
+        (a sequence that keeps failing every step would otherwise take the whole server down)."""
+        try:
+            self.engine.abort(request_id)
+        except Exception:
+            log.exception("abort of %s failed", request_id)
+            scheduler = self.engine.scheduler
+            for seq in [*scheduler.running, *scheduler.waiting]:
+                if seq.request_id == request_id:
+                    scheduler.finish(seq)
+
+    @staticmethod
+    def _deliver(request: _Request, item: StepOutput | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the client's event loop is gone: nobody listens
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+
+    def _refresh_gauges(self) -> None:
+        pool, m = self.engine.pool, self.metrics
+        m.running.set(len(self.engine.scheduler.running))
+        m.waiting.set(self._n_waiting)
+        m.kv_usage.set(1 - pool.n_free / pool.n_slots)
+        m.kv_bytes.set(sum(pool.held_nbytes(s) for s, state in enumerate(pool.slots) if state is not None))

@@ -1,0 +1,108 @@
+"""KV memory admission: how many sequence slots the server's KV budget buys under its default policy.
+
+The engine's pool has `n_slots` slots of one fixed `capacity` (tokens per global layer). A fixed-size
+policy (ring/evict: streaming, snapstream, h2o, ...) never holds more than its budget however long the
+sequence, so its slot is the budget; a growing policy (append: full, snapkv, ...) may hold the whole
+`max_model_len`. The number of slots is what the memory limit allows, capped by `max_batch_size`, so
+admission is exact: a running sequence can never run out of KV memory.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+from longserve.errors import InvalidParameterError
+from longserve.kv.cache import KVPool
+from longserve.kv.policies import Policy
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_TOKEN_UNITS = ("tok", "toks", "token", "tokens")
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    amount: int
+    unit: str  # "bytes" or "tokens"
+
+
+def parse_kv_memory(value: str | int) -> KVMemory:
+    """`4GiB`, `512MB`, `2147483648` (bytes) or `65536tok` (KV tokens over all slots)."""
+    if isinstance(value, int):
+        return KVMemory(value, "bytes")
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = match.group(2).lower() if match else None
+    if match is None or (unit not in _BYTE_UNITS and unit not in _TOKEN_UNITS):
+        raise InvalidParameterError(f"cannot read KV memory '{value}': use e.g. 4GiB, 512MB or 65536tok")
+    number = float(match.group(1))
+    if unit in _TOKEN_UNITS:
+        return KVMemory(int(number), "tokens")
+    return KVMemory(int(number * _BYTE_UNITS[unit]), "bytes")
+
+
+def slot_capacity(policy: Policy, max_model_len: int) -> int:
+    """Tokens one slot must hold so any admissible request under `policy` fits."""
+    return max_model_len if policy.decode == "append" else policy.capacity(max_model_len, 0)
+
+
+def slot_nbytes(loaded, capacity: int, dtype) -> int:
+    """Bytes one slot occupies, measured on a one-slot pool built like the engine's, so sliding-window
+    layers count as their ring (the tensors are never touched, so this costs no real memory)."""
+    return KVPool(loaded.args, 1, capacity, max_tokens=loaded.context_window, dtype=dtype).slot_nbytes()
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    policy: str
+    max_model_len: int
+    slot_capacity: int  # tokens per slot (global layers)
+    slot_bytes: int
+    n_slots: int  # slots the engine is built with: min(max_batch_size, what memory allows)
+    full_slot_bytes: int  # one uncompressed max_model_len sequence
+    kv_memory: str | None  # the limit as given
+    sequences_by_memory: int | None  # slots the limit allows under the default policy
+    full_sequences_by_memory: int | None  # ... and under `full`
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    @property
+    def capacity_ratio(self) -> float:
+        """Sequences per byte relative to `full` (max_model_len / budget for snapstream)."""
+        return self.full_slot_bytes / self.slot_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "pool_bytes": self.pool_bytes, "capacity_ratio_vs_full": self.capacity_ratio}
+
+
+def plan_kv(llm, policy: Policy, *, max_model_len: int | None = None, max_batch_size: int | None = None,
+            max_kv_memory: str | int | None = None) -> KVPlan:
+    """Size the engine for `llm` serving `policy` by default; raises if not even one slot fits."""
+    window = llm.context_window
+    max_model_len = max_model_len or window
+    if not 0 < max_model_len <= window:
+        raise InvalidParameterError(f"max_model_len must be in [1, {window}] (the model's context window), "
+                                    f"got {max_model_len}")
+    batch = max_batch_size or llm.max_batch_size
+    if batch < 1:
+        raise InvalidParameterError(f"max_batch_size must be >= 1, got {batch}")
+    capacity = slot_capacity(policy, max_model_len)
+    slot_b = slot_nbytes(llm.loaded, capacity, llm.dtype)
+    full_b = slot_nbytes(llm.loaded, max_model_len, llm.dtype)
+    fit = fit_full = None
+    if max_kv_memory is not None:
+        mem = parse_kv_memory(max_kv_memory)
+        if mem.unit == "tokens":
+            fit, fit_full = mem.amount // capacity, mem.amount // max_model_len
+        else:
+            fit, fit_full = mem.amount // slot_b, mem.amount // full_b
+        if fit < 1:
+            raise InvalidParameterError(
+                f"--max-kv-memory {max_kv_memory} does not hold one sequence slot ({capacity} tokens, "
+                f"{slot_b} bytes under '{policy.name}'); raise it, lower --max-model-len or use a "
+                "compressing policy such as snapstream")
+    n_slots = batch if fit is None else min(batch, fit)
+    return KVPlan(policy.name, max_model_len, capacity, slot_b, n_slots, full_b,
+                  None if max_kv_memory is None else str(max_kv_memory), fit, fit_full)

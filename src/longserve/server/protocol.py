@@ -1,0 +1,225 @@
+"""OpenAI request/response bodies for `/v1/chat/completions` and `/v1/completions`.
+
+Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored, as most OpenAI-compatible
+servers do; fields that would change the answer and that we cannot honour (`n > 1`, `logprobs`, `echo`,
+`suffix`, several prompts) are rejected with 400 rather than silently ignored. Extra body fields:
+`top_k`, `ignore_eos` and `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64, ...}`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from longserve.engine.sampler import SamplingParams
+
+
+class KVPolicySpec(BaseModel):
+    """A request's KV policy; keys other than name/budget/ratio (window, n_sink...) go to the policy."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    budget: int | None = None
+    ratio: float | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=-1)  # extra; 0 or -1 = off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extra: generate exactly max_tokens (benchmarks)
+    kv_policy: KVPolicySpec | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(self.top_k, 0), seed=self.seed, stop=list(self.stop or []),
+                              ignore_eos=self.ignore_eos)
+
+
+def _reject_if_set(value: Any, field: str) -> Any:
+    if value:
+        raise ValueError(f"'{field}' is not supported by this server")
+    return value
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[ContentPart] | None) -> str:
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise ValueError("only text content parts are supported")
+            return "".join(p.text for p in content)
+        return content or ""
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _reject_if_set(value, info.field_name)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _reject_if_set(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if self.best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str | list):
+            if len(p) != 1:
+                raise ValueError("only one prompt per request is supported (n=1)")
+            self.prompt = p[0]
+        return self
+
+
+# ---- responses -------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Delta(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_only(self) -> dict[str, str]:  # OpenAI omits absent delta keys
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    longserve: dict[str, Any] | None = None  # request stats: TTFT, KV bytes, compression ratio
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class Completion(_Response):
+    """A completion, and (with one choice carrying a piece of text) a completion stream chunk."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    longserve: dict[str, Any] | None = None

@@ -1,0 +1,69 @@
+"""KV memory sizing and the `longserve serve` command line (without binding a port)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from longserve.errors import InvalidParameterError
+from longserve.llm import LLM
+from longserve.server import cli as server_cli
+from longserve.server.kv_plan import KVMemory, parse_kv_memory, plan_kv
+from tests.tiny import tiny_loaded
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4GiB", KVMemory(4 * 1024**3, "bytes")), ("512MB", KVMemory(512 * 10**6, "bytes")),
+    ("1.5 kib", KVMemory(1536, "bytes")), ("65536tok", KVMemory(65536, "tokens")), (1000, KVMemory(1000, "bytes")),
+])
+def test_parse_kv_memory(text, expected):
+    assert parse_kv_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "4XB", "-1GiB", ""])
+def test_parse_kv_memory_rejects_nonsense(text):
+    with pytest.raises(InvalidParameterError):
+        parse_kv_memory(text)
+
+
+def test_plan_counts_sliding_window_layers_as_their_ring():
+    loaded, _ = tiny_loaded("gemma3")  # 3 sliding layers (window 24) + 1 global layer
+    args = loaded.args
+    per_entry = 2 * args.n_kv_heads * args.head_dim * 4
+    full = LLM(loaded=loaded, max_batch_size=100)
+    plan = plan_kv(full, full.policy(), max_model_len=1024, max_kv_memory=10 * per_entry * (3 * 24 + 1024))
+    assert plan.slot_bytes == per_entry * (3 * 24 + 1024) and plan.n_slots == 10
+    snap = LLM(loaded=loaded, kv_policy="snapstream", kv_budget=128, max_batch_size=100)
+    plan = plan_kv(snap, snap.policy(), max_model_len=1024, max_batch_size=8, max_kv_memory="1GiB")
+    assert plan.slot_capacity == 128 and plan.slot_bytes == per_entry * (3 * 24 + 128) and plan.n_slots == 8
+    assert plan.capacity_ratio == (3 * 24 + 1024) / (3 * 24 + 128)
+    with pytest.raises(InvalidParameterError, match="does not hold one sequence slot"):
+        plan_kv(full, full.policy(), max_model_len=1024, max_kv_memory="1000tok")
+    with pytest.raises(InvalidParameterError, match="max_model_len"):
+        plan_kv(full, full.policy(), max_model_len=4096)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longserve")
+    server_cli.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_serve_defaults_bind_loopback():
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port, args.kv_policy, args.api_key) == ("127.0.0.1", 8000, "full", None)
+
+
+def test_cmd_serve_builds_the_app_with_env_api_key(monkeypatch, loaded):
+    seen = {}
+    monkeypatch.setattr("longserve.llm.LLM", lambda model, **kw: LLM(loaded=loaded, **kw))
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("LONGSERVE_API_KEY", "from-env")
+    args = _parser().parse_args(["serve", "--kv-policy", "snapstream", "--kv-budget", "64", "--max-model-len",
+                                 "1024", "--max-kv-memory", "256tok", "--port", "8123", "--log-level", "warning"])
+    assert args.func(args) == 0
+    state = seen["app"].state.server
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    assert state.default_policy.name == "snapstream" and state.plan.n_slots == 4
+    assert any(m.kwargs.get("api_key") == "from-env" for m in seen["app"].user_middleware)

@@ -1,0 +1,98 @@
+"""Every failure comes back as `{"error": {"message", "type", "param", "code"}}` with the right status."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _error(resp, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize(("payload", "param"), [
+    ({"messages": MESSAGES, "n": 2}, "n"),
+    ({"messages": MESSAGES, "temperature": -1}, "temperature"),
+    ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
+    ({"messages": []}, "messages"),
+    ({}, "messages"),  # FastAPI's 422 becomes an OpenAI 400
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"messages": MESSAGES, "kv_policy": {"name": "nope"}}, "kv_policy"),
+    ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": -1}}, "kv_policy"),
+    ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": 64, "bogus": 1}}, "kv_policy"),
+])
+def test_invalid_parameters_are_400(server, payload, param):
+    err = _error(server.http.post(CHAT, json=payload), 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_malformed_json_and_bad_prompts_are_400(server):
+    err = _error(server.http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"}), 400)
+    assert "JSON" in err["message"]
+    _error(server.http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400)  # several prompts
+    _error(server.http.post("/v1/completions", json={"prompt": [1, 99999]}), 400)  # out of vocabulary
+    _error(server.http.post("/v1/completions", json={"prompt": ""}), 400)  # empty
+
+
+def test_prompt_too_long_is_400_context_length_exceeded(server):
+    err = _error(server.http.post("/v1/completions", json={"prompt": "x" * 600, "max_tokens": 4}), 400)
+    assert err["code"] == "context_length_exceeded"
+    err = _error(server.http.post("/v1/completions", json={"prompt": "x" * 10, "max_tokens": 600}), 400)
+    assert err["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model="tiny-llama", prompt="x" * 600, max_tokens=4)
+
+
+def test_unknown_model_and_route_are_404(server):
+    err = _error(server.http.post(CHAT, json={"model": "gpt-4", "messages": MESSAGES}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model"
+    _error(server.http.get("/v1/nothing"), 404)
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-4", messages=MESSAGES)
+
+
+def test_api_key_is_required_on_v1_only(serve):
+    with serve(max_model_len=128, api_key="s3cret") as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            err = _error(s.http.post(CHAT, json={"messages": MESSAGES}, headers=headers), 401)
+            assert err["code"] == "invalid_api_key"
+        _error(s.http.get("/v1/models"), 401)
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert s.client("s3cret").chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=2)
+        assert s.http.get("/health").status_code == 200 and s.http.get("/metrics").status_code == 200
+
+
+def _wait_health(server, key: str, value: int) -> None:
+    deadline = time.monotonic() + 10
+    while server.http.get("/health").json()[key] != value:
+        assert time.monotonic() < deadline, f"/health never reported {key}={value}"
+        time.sleep(0.01)
+
+
+def test_full_waiting_queue_is_429_with_retry_after(serve):
+    with serve(max_model_len=2048, max_batch_size=1, max_waiting=1) as s:
+        long = {"prompt": "busy", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with s.http.stream("POST", "/v1/completions", json=long) as running:
+            _wait_health(s, "running", 1)
+            with s.http.stream("POST", "/v1/completions", json=long) as waiting:
+                _wait_health(s, "waiting", 1)
+                assert running.status_code == waiting.status_code == 200
+                resp = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                err = _error(resp, 429)
+                assert resp.headers["retry-after"] == "1" and err["code"] == "rate_limit_exceeded"
+                with pytest.raises(openai.RateLimitError):
+                    s.client().completions.create(model="tiny-llama", prompt="x", max_tokens=2)
+        s.wait_idle()  # closing both streams aborted them
+        assert s.client().completions.create(model="tiny-llama", prompt="x", max_tokens=2).choices
