@@ -81,13 +81,23 @@ def print_stats(stats: dict, out=sys.stderr) -> None:
 
 
 def cmd_generate(args) -> int:
+    from longserve.engine.sampler import SamplingParams
+    from longserve.kv.policies import make_policy
     from longserve.llm import LLM
     from longserve.specprefill.cli import from_args, summary
     from longserve.specprefill.compress import with_stats
 
+    # validate everything cheap before loading weights
+    SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
+    kv = policy_kwargs(args)
+    make_policy(kv["kv_policy"], budget=kv["kv_budget"], ratio=kv["kv_ratio"],
+                **({"window": args.kv_window} if args.kv_window is not None else {}))
     text = read_prompt(args)
     spec_prefill = from_args(args)
-    llm = LLM(args.model, dtype=args.dtype, **({"threads": args.threads} if args.threads else {}))
+    if spec_prefill and args.draft:
+        raise LongserveError("--prefill-draft and --draft cannot be combined yet; use one of them")
+    llm = LLM(args.model, dtype=args.dtype, draft=args.draft, num_draft_tokens=args.num_draft_tokens,
+              **({"threads": args.threads} if args.threads else {}))
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, stop=args.stop, **policy_kwargs(args))
@@ -102,6 +112,10 @@ def cmd_generate(args) -> int:
         print(summary(last.seq.spec_prefill, args.prefill_draft), file=sys.stderr)
         stats = with_stats(stats, last.seq.spec_prefill)
     print_stats(stats)
+    if args.draft:
+        from longserve.spec import format_stats
+
+        print(format_stats(stats), file=sys.stderr)
     return 0
 
 
@@ -152,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int)
+    p.add_argument("--draft", help="draft model for speculative decoding (must share the target's tokenizer)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per verification (adaptive)")
     add_sampling_args(p)
     add_policy_args(p)
     from longserve.specprefill.cli import add_args as add_spec_prefill_args
@@ -179,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_ask)
 
-    for extra in ("eval", "server", "proxy"):
+    for extra in ("eval", "server", "proxy", "distill"):
         try:
             module = __import__(f"longserve.{extra}.cli", fromlist=["register"])
         except ImportError:

@@ -41,7 +41,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, kv_policy: str = "full", kv_budget: int | None = None,
                  kv_ratio: float | None = None, dtype: str = "float32", max_batch_size: int = 8,
                  prefill_chunk: int = 4096, threads: int | None = None, progress: bool = True,
-                 loaded: LoadedModel | None = None, **policy_kwargs):
+                 loaded: LoadedModel | None = None, draft: str | LLM | None = None, num_draft_tokens: int = 4,
+                 **policy_kwargs):
         if dtype not in DTYPES:
             raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}")
         if threads:
@@ -52,6 +53,12 @@ class LLM:
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.default_policy = (kv_policy, kv_budget, kv_ratio, policy_kwargs)
         make_policy(kv_policy, budget=kv_budget, ratio=kv_ratio, **policy_kwargs)  # fail early on bad input
+        self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
+        if draft is not None:
+            from longserve.spec import SpeculativeDecoder
+
+            draft_llm = draft if isinstance(draft, LLM) else LLM(draft, dtype=dtype, threads=threads, progress=progress)
+            self.speculative = SpeculativeDecoder(self, draft_llm, k=num_draft_tokens)
 
     # ---- prompts -------------------------------------------------------------------------------
     @property
@@ -61,7 +68,7 @@ class LLM:
     @property
     def fingerprint(self) -> str:
         args = json.dumps(asdict(self.loaded.args), sort_keys=True, default=str)
-        weights = self.loaded.model.lm_head.weight
+        weights = self.loaded.model.lm_head.weight.detach()
         probe = f"{args}|{float(weights[:4, :4].double().sum()):.10e}|{self.dtype}"
         return f"{self.loaded.args.family}-{hashlib.sha256(probe.encode()).hexdigest()[:16]}"
 
@@ -112,6 +119,9 @@ class LLM:
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
+        if self.speculative:
+            return [self.speculative.generate(p, max_new_tokens, temperature, top_p, top_k, seed, stop, kv_policy,
+                                              kv_budget, kv_ratio, **policy_kwargs) for p in batch]
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         encoded = [self.encode(p) for p in batch]
@@ -131,6 +141,10 @@ class LLM:
                kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
                prefix: CompressedContext | None = None, **policy_kwargs) -> Iterator[StepOutput]:
         """Yield text pieces as they are generated; the last output has `finished=True` and the stats."""
+        if self.speculative and prefix is None:
+            yield from self.speculative.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
+                                               kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+            return
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
         policy = FullPolicy() if prefix is not None else self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) else self.encode(prompt)
@@ -148,7 +162,7 @@ class LLM:
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         ids = context if isinstance(context, list) else self.split_chat(context, "")[0]
         params = SamplingParams(max_new_tokens=1)
-        engine = self._engine(1, policy.capacity(len(ids), 0))
+        engine = self._engine(1, policy.capacity(len(ids), 1))
         seq = engine.add_request(ids, params, policy)
         engine.scheduler._admit()
         while seq.prefilled < seq.prompt_len:

@@ -36,6 +36,7 @@ __all__ = [
     "EvalRequest",
     "EvalResult",
     "LoadResult",
+    "LocalTarget",
     "OpenAITarget",
     "PromptTemplate",
     "Sample",
@@ -49,8 +50,18 @@ __all__ = [
     "make_code_debug",
     "make_suite",
     "parse_label",
+    "policy_label",
     "report_from_predictions",
     "run_eval",
     "score",
     "score_sample",
 ]
+
+
+def __getattr__(name: str):
+    """`LocalTarget` and `policy_label` load the engine (torch), so they are imported on first use."""
+    if name in ("LocalTarget", "policy_label"):
+        from longserve.eval import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

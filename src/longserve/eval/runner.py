@@ -122,7 +122,16 @@ def run_eval(
             bar.set_description(f"{label} [{setting}]")
             for i in range(0, len(pending), batch_size):
                 batch = pending[i : i + batch_size]
-                requests = [EvalRequest(s.context, s.question, s.max_new_tokens, setting) for s in batch]
+                requests = [
+                    EvalRequest(
+                        s.context,
+                        s.question,
+                        s.max_new_tokens,
+                        setting,
+                        raw_prompt=bool(s.metadata.get("raw_prompt")),
+                    )
+                    for s in batch
+                ]
                 results = targets[label].answer(requests)
                 if len(results) != len(batch):
                     raise LongserveError(

@@ -33,6 +33,8 @@ class EvalRequest:
     question: str
     max_new_tokens: int
     setting: str = "query_aware"
+    #: send `context + question` as raw text, without a chat template (LongBench's few-shot/completion tasks)
+    raw_prompt: bool = False
 
 
 @dataclass

