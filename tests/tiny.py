@@ -70,6 +70,6 @@ def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> tuple[Load
     ours = build_model(ref.config)
     missing, _ = ours.load_state_dict(ref.state_dict(), strict=False)
     assert not [m for m in missing if m != "lm_head.weight"], missing
-    ours.eval()
+    ours.eval().fuse()
     loaded = LoadedModel(f"tiny-{family}", None, ours, ByteTokenizer(), ours.args, (ByteTokenizer.eos_token_id,))
     return loaded, ref

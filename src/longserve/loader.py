@@ -85,5 +85,5 @@ def load(name_or_path: str, dtype: str = "float32", progress: bool = True) -> Lo
         raise CorruptModelError(f"cannot read config/tokenizer in {path}: {exc}") from None
     model = build_model(hf_config, DTYPES[dtype])
     load_state(model, path)
-    model.eval()
+    model.eval().fuse()
     return LoadedModel(name_or_path, path, model, tokenizer, model.args, eos_ids(path, tokenizer, hf_config))

@@ -18,3 +18,28 @@ def test_logits_match_transformers(family):
         ours = loaded.model(ids, torch.arange(40)[None], backend, last_only=False)
         theirs = ref(ids).logits
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+
+
+def test_fused_weights_follow_training_and_are_dropped_when_stale():
+    loaded, _ = tiny_loaded("qwen2")  # qkv bias too
+    model = loaded.model
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+
+    def logits():
+        pool = KVPool(loaded.args, 1, 16)
+        backend = PrefillBackend(pool, pool.allocate(FullPolicy()), torch.arange(12))
+        return model(ids, torch.arange(12)[None], backend, last_only=False)
+
+    with torch.no_grad():
+        fused = logits()
+        assert model.model.layers[0].self_attn.qkv.usable()
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # an optimizer step, in place
+        model.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+        assert not model.model.layers[0].self_attn.qkv.usable()
+        changed = logits()
+        model.fuse()
+        refused = logits()
+    assert not torch.allclose(fused, changed)
+    torch.testing.assert_close(changed, refused)
+    with torch.enable_grad():
+        assert not model.model.layers[0].mlp.gate_up.usable()  # training uses the originals

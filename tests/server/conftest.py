@@ -36,12 +36,14 @@ class LiveServer(BackgroundServer):
 
     def wait_idle(self, timeout: float = 20) -> None:
         """Until no request is left anywhere: the async front, the scheduler and the KV pool."""
-        engine = self.state.engine
+        engine, spec = self.state.engine, self.state.spec
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pool = engine.engine.pool
+            spec_idle = spec is None or (not spec._requests and not spec._pending and spec._current is None
+                                         and spec.num_waiting == 0)
             if (not engine._requests and not engine.engine.sequences and not engine.engine.has_unfinished()
-                    and pool.n_free == pool.n_slots and engine.num_waiting == 0):
+                    and pool.n_free == pool.n_slots and engine.num_waiting == 0 and spec_idle):
                 return
             time.sleep(0.02)
         raise AssertionError(f"engine not idle: {len(engine._requests)} requests, "

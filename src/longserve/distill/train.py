@@ -97,6 +97,8 @@ def merge_lora(model: CausalLM) -> CausalLM:
             setattr(model.get_submodule(parent_name), child, module.get_base_layer())
     for p in model.parameters():
         p.requires_grad_(False)
+    if model.model.layers[0].self_attn.qkv is not None:
+        model.fuse()  # peft merges through `.data`, which the fused copies cannot notice
     return model
 
 

@@ -545,6 +545,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    import longserve.specprefill.eval_target  # noqa: F401  (adds `--policy specprefill@KEEP[:draft=NAME]`)
+
     p = subparsers.add_parser(
         "eval",
         help="evaluate models/KV policies on synthetic, LongBench or custom tasks",

@@ -46,6 +46,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class FusedLinear:
+    """Concatenated copies of several nn.Linear weights of `owner`, used only while they are still exact:
+    not while training (gradients must reach the originals), not once a weight changed or a module was
+    replaced (e.g. wrapped by LoRA)."""
+
+    def __init__(self, owner: nn.Module, names: list[str]):
+        self.owner, self.names = owner, names
+        parts = [getattr(owner, n) for n in names]
+        self.key = [(id(p.weight), p.weight._version) for p in parts]
+        self.weight = torch.cat([p.weight for p in parts]).detach()
+        self.bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
+
+    def usable(self) -> bool:
+        if torch.is_grad_enabled():
+            return False
+        parts = [getattr(self.owner, n) for n in self.names]
+        return all(type(p) is nn.Linear for p in parts) and self.key == [(id(p.weight), p.weight._version)
+                                                                       for p in parts]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -55,17 +75,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, d, bias=False)
+        self.qkv: FusedLinear | None = None  # set by fuse()
         if args.qk_norm:
             offset = 1.0 if args.gemma_style else 0.0
             self.q_norm = RMSNorm(hd, args.rms_eps, offset)
             self.k_norm = RMSNorm(hd, args.rms_eps, offset)
 
+    def fuse(self) -> None:
+        """One [q; k; v] matmul instead of three: fewer, larger GEMMs are what a CPU decode step needs."""
+        self.qkv = FusedLinear(self, ["q_proj", "k_proj", "v_proj"])
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend):
         b, t, _ = x.shape
-        hd = self.args.head_dim
-        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        hd, hq, hkv = self.args.head_dim, self.args.n_heads, self.args.n_kv_heads
+        if self.qkv is not None and self.qkv.usable():
+            q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, -1, hd).transpose(1, 2)
+        k = k.view(b, t, -1, hd).transpose(1, 2)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -80,11 +109,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.gemma_style = args.gemma_style
+        self.gate_up: FusedLinear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = FusedLinear(self, ["gate_proj", "up_proj"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        if self.gate_up is not None and self.gate_up.usable():
+            gate, up = F.linear(x, self.gate_up.weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.gelu(gate, approximate="tanh") if self.gemma_style else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class DecoderLayer(nn.Module):
@@ -153,6 +189,14 @@ class CausalLM(nn.Module):
             cos, sin = tables[rope_index]
             x = layer(x, cos, sin, backend)
         return self.model.norm(x)
+
+    def fuse(self) -> CausalLM:
+        """Concatenate q/k/v and gate/up weights for inference (the separate weights stay for loading
+        and training; call again after changing them)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

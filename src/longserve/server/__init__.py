@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP serving over the continuous-batching engine.
+"""OpenAI-compatible HTTP serving over the continuous-batching engine (and, with a draft, a batch-1
+speculative decoder; see `server.speculative`).
 
 `create_app(llm, ...)` builds the FastAPI app; `longserve serve` runs it with uvicorn. Exports load
 lazily so that building the CLI parser (which imports `longserve.server.cli`) stays fast.
@@ -7,7 +8,7 @@ lazily so that building the CLI parser (which imports `longserve.server.cli`) st
 from importlib import import_module
 
 _EXPORTS = {"create_app": "app", "AsyncEngine": "async_engine", "BackgroundServer": "background",
-            "KVPlan": "kv_plan", "plan_kv": "kv_plan"}
+            "KVPlan": "kv_plan", "plan_kv": "kv_plan", "SpeculativeEngine": "speculative"}
 
 __all__ = list(_EXPORTS)
 

@@ -5,6 +5,10 @@ arrive through a thread-safe queue and each request's `StepOutput`s go back to i
 `loop.call_soon_threadsafe`. Failures are contained: an exception while handling one request fails
 that request; if `step()` itself raises, the requests of that step are failed and aborted (their slots
 freed) and the loop keeps serving the others.
+
+`EngineThread` is that machinery (inbox, request table, queue limit, metrics, delivery) without the
+engine; `AsyncEngine` drives the batched `LLMEngine` with it and `server.speculative.SpeculativeEngine`
+a `SpeculativeDecoder`, one request at a time.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class _Request:
     params: SamplingParams
     policy: Policy
     loop: asyncio.AbstractEventLoop
+    positions: list[int] | None = None  # original position ids of a pruned (speculative prefill) prompt
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against max_waiting until it holds a KV slot
@@ -48,7 +53,7 @@ class RequestStream:
     Closing is idempotent and safe from any code path (a generator `finally`, a response background
     task), so a client that goes away at any moment frees its KV slot."""
 
-    def __init__(self, engine: AsyncEngine, request: _Request):
+    def __init__(self, engine: EngineThread, request: _Request):
         self._engine, self._request, self._done = engine, request, False
 
     @property
@@ -77,35 +82,23 @@ class RequestStream:
             self._request.queue.put_nowait(_CLOSED)
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None, metrics: Metrics | None = None):
-        self.engine, self.max_waiting = engine, max_waiting
+class EngineThread:
+    """One thread that owns a (non-thread-safe) engine; any thread submits and aborts through an inbox.
+
+    Subclasses implement `_run` (the loop), `_add` (accept a request), `_abort_in_engine` and
+    `_refresh_gauges`; outputs go through `_on_output`, failures through `_fail`."""
+
+    thread_name = "longserve-engine"
+
+    def __init__(self, *, max_waiting: int | None = None, metrics: Metrics | None = None):
+        self.max_waiting = max_waiting
         self.metrics = metrics or Metrics()
-        self.metrics.kv_slots.set(engine.pool.n_slots)
-        self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._lock = threading.Lock()
         self._n_waiting = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_step: Step | None = None
-        self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
-        schedule = engine.scheduler.schedule
-
-        def traced_schedule() -> Step | None:
-            """Sees admissions as they happen and remembers which sequences a failing step() touched."""
-            self._last_step = None
-            self._last_step = schedule()
-            running = engine.scheduler.running
-            self.max_running_seen = max(self.max_running_seen, len(running))
-            for seq in running:
-                request = self._requests.get(seq.request_id)
-                if request is not None and request.waiting:
-                    self._not_waiting(request)
-            return self._last_step
-
-        engine.scheduler.schedule = traced_schedule
 
     # ---- any thread ----------------------------------------------------------------------------
     @property
@@ -119,7 +112,7 @@ class AsyncEngine:
     def start(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="longserve-engine", daemon=True)
+                self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
                 self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -129,13 +122,17 @@ class AsyncEngine:
         self._send(("stop", None))
         self._thread.join(timeout)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, policy: Policy,
-               request_id: str) -> RequestStream:
-        """Queue a request (raises `QueueFullError` at once if too many wait); iterate the result."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, policy: Policy, request_id: str,
+               positions: list[int] | None = None, arrival: float | None = None) -> RequestStream:
+        """Queue a request (raises `QueueFullError` at once if too many wait); iterate the result.
+        `positions`: original position ids of a pruned prompt; `arrival`: when the HTTP request came in
+        (TTFT then includes tokenization and prompt compression; default: now)."""
         if self._stopping:
             raise APIError("the server is shutting down", status_code=503, error_type="server_error")
         self.start()
-        request = _Request(request_id, prompt_ids, params, policy, asyncio.get_running_loop())
+        request = _Request(request_id, prompt_ids, params, policy, asyncio.get_running_loop(), positions)
+        if arrival is not None:
+            request.arrival = arrival
         with self._lock:
             if self.max_waiting is not None and self._n_waiting >= self.max_waiting:
                 raise QueueFullError(self._n_waiting)
@@ -154,18 +151,20 @@ class AsyncEngine:
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopping:
-            try:
-                self._drain(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished() and not self._stopping:
-                    self._step()
-                self._refresh_gauges()
-            except Exception:  # a bug here must not strand every client: log it and keep serving
-                log.exception("engine loop error")
-                time.sleep(0.01)
+        raise NotImplementedError
+
+    def _add(self, request: _Request) -> None:
+        raise NotImplementedError
+
+    def _abort_in_engine(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _refresh_gauges(self) -> None:
+        pass
+
+    def _fail_all(self, exc: BaseException) -> None:
         for request in list(self._requests.values()):
-            self._fail(request, APIError("the server is shutting down", status_code=503,
-                                         error_type="server_error"))
+            self._fail(request, exc)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -188,11 +187,80 @@ class AsyncEngine:
                 self._abort_in_engine(payload)
                 self.metrics.requests.labels("abort").inc()
 
+    def _on_output(self, request: _Request, out: StepOutput) -> None:
+        seq, m = out.seq, self.metrics
+        now = seq.token_times[-1]
+        if request.last_token_at is None:
+            m.ttft.observe(now - request.arrival)
+            m.prompt_tokens.inc(seq.prompt_len)
+        else:
+            m.itl.observe(now - request.last_token_at)
+        request.last_token_at = now
+        m.generation_tokens.inc()
+        if out.finished:
+            self._requests.pop(request.request_id, None)
+            m.e2e.observe(seq.finished_at - request.arrival)
+            m.compression.observe(seq.stats()["compression_ratio"])
+            m.requests.labels(seq.finish_reason or "unknown").inc()
+        self._deliver(request, out)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        self._requests.pop(request.request_id, None)
+        self._not_waiting(request)
+        self._abort_in_engine(request.request_id)
+        self.metrics.requests.labels("error").inc()
+        self._deliver(request, exc if isinstance(exc, LongserveError) else RequestFailedError(exc))
+
+    @staticmethod
+    def _deliver(request: _Request, item: StepOutput | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the client's event loop is gone: nobody listens
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+
+
+class AsyncEngine(EngineThread):
+    """The batched `LLMEngine` (continuous batching) behind the server."""
+
+    def __init__(self, engine: LLMEngine, *, max_waiting: int | None = None, metrics: Metrics | None = None):
+        super().__init__(max_waiting=max_waiting, metrics=metrics)
+        self.engine = engine
+        self.metrics.kv_slots.set(engine.pool.n_slots)
+        self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
+        self._last_step: Step | None = None
+        self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
+        schedule = engine.scheduler.schedule
+
+        def traced_schedule() -> Step | None:
+            """Sees admissions as they happen and remembers which sequences a failing step() touched."""
+            self._last_step = None
+            self._last_step = schedule()
+            running = engine.scheduler.running
+            self.max_running_seen = max(self.max_running_seen, len(running))
+            for seq in running:
+                request = self._requests.get(seq.request_id)
+                if request is not None and request.waiting:
+                    self._not_waiting(request)
+            return self._last_step
+
+        engine.scheduler.schedule = traced_schedule
+
+    # ---- engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping:
+                    self._step()
+                self._refresh_gauges()
+            except Exception:  # a bug here must not strand every client: log it and keep serving
+                log.exception("engine loop error")
+                time.sleep(0.01)
+        self._fail_all(APIError("the server is shutting down", status_code=503, error_type="server_error"))
+
     def _add(self, request: _Request) -> None:
         self._requests[request.request_id] = request
         try:
             seq = self.engine.add_request(request.prompt_ids, request.params, request.policy,
-                                          request_id=request.request_id)
+                                          request_id=request.request_id, positions=request.positions)
             seq.arrival = request.arrival  # TTFT counts the time spent in our queue too
         except Exception as exc:  # a bad request must not stop the loop
             self._fail(request, exc)
@@ -221,30 +289,6 @@ class AsyncEngine:
                 log.exception("request %s failed", request.request_id)
                 self._fail(request, exc)
 
-    def _on_output(self, request: _Request, out: StepOutput) -> None:
-        seq, m = out.seq, self.metrics
-        now = seq.token_times[-1]
-        if request.last_token_at is None:
-            m.ttft.observe(now - request.arrival)
-            m.prompt_tokens.inc(seq.prompt_len)
-        else:
-            m.itl.observe(now - request.last_token_at)
-        request.last_token_at = now
-        m.generation_tokens.inc()
-        if out.finished:
-            self._requests.pop(request.request_id, None)
-            m.e2e.observe(seq.finished_at - request.arrival)
-            m.compression.observe(seq.stats()["compression_ratio"])
-            m.requests.labels(seq.finish_reason or "unknown").inc()
-        self._deliver(request, out)
-
-    def _fail(self, request: _Request, exc: BaseException) -> None:
-        self._requests.pop(request.request_id, None)
-        self._not_waiting(request)
-        self._abort_in_engine(request.request_id)
-        self.metrics.requests.labels("error").inc()
-        self._deliver(request, exc if isinstance(exc, LongserveError) else RequestFailedError(exc))
-
     def _abort_in_engine(self, request_id: str) -> None:
         """Abort, and if the engine is in a state where that raises, at least never schedule it again
         (a sequence that keeps failing every step would otherwise take the whole server down)."""
@@ -256,11 +300,6 @@ class AsyncEngine:
             for seq in [*scheduler.running, *scheduler.waiting]:
                 if seq.request_id == request_id:
                     scheduler.finish(seq)
-
-    @staticmethod
-    def _deliver(request: _Request, item: StepOutput | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the client's event loop is gone: nobody listens
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
 
     def _refresh_gauges(self) -> None:
         pool, m = self.engine.pool, self.metrics

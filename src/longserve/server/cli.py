@@ -31,29 +31,60 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_policy_args(p)
+    g = p.add_argument_group(
+        "speculative decoding (a draft proposes tokens, the target verifies them)",
+        "Batch 1: speculative requests run one at a time (FIFO), outside the continuous batch, because every "
+        "sequence has its own draft/verify rounds and accepted lengths. Lower latency per stream, less "
+        "throughput under load; a request may opt out with the body field \"speculative\": false. Cannot be "
+        "combined with --prefill-draft yet.")
+    g.add_argument("--draft", metavar="MODEL",
+                   help="draft model for speculative decoding (must share the target's tokenizer)")
+    g.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens per verification (start value; adapts to acceptance) (default 4)")
+    from longserve.specprefill.cli import add_args as add_spec_prefill_args
+
+    add_spec_prefill_args(p, keep_alias=False)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from longserve.errors import InvalidParameterError
     from longserve.llm import LLM
     from longserve.server.app import create_app
+    from longserve.specprefill.cli import from_args
+
+    # refuse bad combinations before any weights load
+    if args.draft and args.prefill_draft:
+        raise InvalidParameterError("--prefill-draft and --draft cannot be combined yet; use one of them")
+    if args.num_draft_tokens < 1:
+        raise InvalidParameterError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    if args.prefill_draft and not 0 < args.prefill_keep <= 1:
+        raise InvalidParameterError(f"--prefill-keep must be in (0, 1], got {args.prefill_keep}")
 
     api_key = args.api_key or os.environ.get("LONGSERVE_API_KEY") or None
     if api_key is None and args.host not in _LOOPBACK:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it",
               file=sys.stderr)
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
-              threads=args.threads, **policy_kwargs(args))
+              threads=args.threads, draft=args.draft, num_draft_tokens=args.num_draft_tokens, **policy_kwargs(args))
+    spec_prefill = from_args(args)
     app = create_app(llm, served_model_name=args.served_model_name, max_model_len=args.max_model_len,
                      max_batch_size=args.max_batch_size, max_kv_memory=args.max_kv_memory,
-                     max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens, api_key=api_key)
+                     max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens, api_key=api_key,
+                     spec_prefill=spec_prefill)
     state = app.state.server
     plan = state.plan
+    extras = ""
+    if state.spec is not None:
+        extras += (f" | speculative decoding: draft '{state.spec.draft_name}', k={args.num_draft_tokens} "
+                   "(batch 1: one request at a time)")
+    if spec_prefill is not None:
+        extras += f" | speculative prefill: draft '{state.prefill.draft_name}', keep {spec_prefill.config.keep:g}"
     print(f"serving '{state.model_id}' at http://{args.host}:{args.port}/v1 | KV '{plan.policy}': {plan.n_slots} "
           f"slots x {plan.slot_capacity} tok ({_human(plan.slot_bytes)} each, {_human(plan.pool_bytes)} total), "
           f"{plan.capacity_ratio:.1f}x the sequences of 'full' per byte | max_model_len {plan.max_model_len}"
-          f"{' | API key required' if api_key else ''}", file=sys.stderr)
+          f"{extras}{' | API key required' if api_key else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -3,7 +3,9 @@
 Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored, as most OpenAI-compatible
 servers do; fields that would change the answer and that we cannot honour (`n > 1`, `logprobs`, `echo`,
 `suffix`, several prompts) are rejected with 400 rather than silently ignored. Extra body fields:
-`top_k`, `ignore_eos` and `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64, ...}`).
+`top_k`, `ignore_eos`, `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64, ...}`),
+`spec_prefill` (`false`, `true` or `{"keep": 0.25, "draft": NAME}`: see `longserve.specprefill.serving`)
+and `speculative` (`false` sends a request to the batched engine on a server started with `--draft`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extra: generate exactly max_tokens (benchmarks)
     kv_policy: KVPolicySpec | None = None
+    spec_prefill: Any = None  # validated by longserve.specprefill.serving.parse_option (400 on bad values)
+    speculative: bool | None = None  # None: the server's default (speculative iff it has a --draft)
 
     @field_validator("n")
     @classmethod
@@ -154,14 +158,25 @@ class CompletionRequest(GenerationRequest):
 
 
 class Usage(BaseModel):
+    """`prompt_tokens` are the tokens the target prefilled; with speculative prefill
+    `original_prompt_tokens` is the prompt's length before pruning (absent otherwise)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    original_prompt_tokens: int | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, original_prompt_tokens: int | None = None) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens, original_prompt_tokens=original_prompt_tokens)
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("original_prompt_tokens") is None:
+            data.pop("original_prompt_tokens", None)
+        return data
 
 
 class ResponseMessage(BaseModel):
