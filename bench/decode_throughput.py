@@ -2,7 +2,8 @@
 one machine, so the ratios are fair).
 
 Decode speed does not depend on what the prompt says, so each (context, policy) pair is prefilled once
-and its slot is copied into the other slots of the batch; then `--steps` decode steps are timed.
+and its slot is copied into the other slots of the batch; then `--steps` decode steps are timed (batch 1
+decodes the first slot of the same pool).
 
     python bench/decode_throughput.py --lengths 1024,2048,4096,8192 --batches 1,8
 """
@@ -33,7 +34,8 @@ def clone_slot(pool, src: int, dst: int) -> None:
         setattr(d, field, getattr(s, field))
 
 
-def measure(llm: LLM, ids: list[int], spec: str, batch: int, steps: int) -> dict:
+def prepare(llm: LLM, ids: list[int], spec: str, batch: int, steps: int):
+    """An engine whose `batch` slots all hold the prefilled (and compressed) prompt."""
     name, _, budget = spec.partition("@")
     policy = make_policy(name, budget=int(budget) if budget else None)
     engine = llm._engine(batch, policy.capacity(len(ids), steps + 2))
@@ -50,18 +52,18 @@ def measure(llm: LLM, ids: list[int], spec: str, batch: int, steps: int) -> dict
             clone_slot(engine.pool, first.slot, seq.slot)
             seq.prefilled = seq.prompt_len
         seq.output_ids.append(token)
-    seqs.sort(key=lambda s: s.slot)
-    engine.runner.decode(seqs)  # warm-up step
+    return engine, sorted(seqs, key=lambda s: s.slot), prefill_s
+
+
+def measure(engine, seqs, steps: int) -> float:
+    """Aggregate decode tokens/s of `steps` batched steps over `seqs` (after one warm-up step)."""
+    engine.runner.decode(seqs)
     start = time.perf_counter()
     for _ in range(steps):
         logits = engine.runner.decode(seqs)
         for seq, tok in zip(seqs, logits.argmax(-1).tolist(), strict=True):
             seq.output_ids.append(tok)
-    elapsed = time.perf_counter() - start
-    return {"context": len(ids), "policy": spec, "batch": batch, "steps": steps,
-            "decode_tok_s": batch * steps / elapsed, "step_ms": 1000 * elapsed / steps,
-            "prefill_s": prefill_s, "kv_bytes_per_seq": engine.pool.slot_nbytes(),
-            "kv_bytes_total": engine.pool.slot_nbytes() * batch}
+    return len(seqs) * steps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -80,10 +82,17 @@ def main() -> None:
     for length in map(int, args.lengths.split(",")):
         ids = filler[: length - 16]  # leave room for the decoded tokens inside the context window
         for spec in args.policies.split(","):
-            for batch in map(int, args.batches.split(",")):
-                row = measure(llm, ids, spec, batch, args.steps)
+            batches = sorted(map(int, args.batches.split(",")))
+            engine, seqs, prefill_s = prepare(llm, ids, spec, batches[-1], args.steps * 2)
+            for batch in batches:  # smaller batches decode the first slots of the same pool
+                tok_s = measure(engine, seqs[:batch], args.steps)
+                row = {"context": len(ids), "policy": spec, "batch": batch, "steps": args.steps,
+                       "decode_tok_s": tok_s, "step_ms": 1000 * batch / tok_s, "prefill_s": prefill_s,
+                       "kv_bytes_per_seq": engine.pool.slot_nbytes(),
+                       "kv_bytes_total": engine.pool.slot_nbytes() * batch}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            del engine, seqs
     for row in rows:  # ratio to full at the same context and batch, measured in this run
         base = next(r for r in rows if r["policy"] == "full" and r["context"] == row["context"]
                     and r["batch"] == row["batch"])

@@ -92,7 +92,8 @@ def register_spec_parser(parser: SpecParser) -> SpecParser:
     return parser
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """"true"/"false" -> bool, numbers -> int/float, anything else stays text (KEY=VALUE options)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -134,7 +135,7 @@ def parse_policy_spec(spec: str) -> PolicySpec:
         key, eq, value = option.partition("=")
         if not eq or not key:
             raise InvalidParameterError(f"bad option {option!r} in {spec!r}: use KEY=VALUE, e.g. window=64")
-        kwargs[key] = _value(value)
+        kwargs[key] = parse_value(value)
     return PolicySpec(name, budget, ratio, kwargs)
 
 

@@ -119,15 +119,12 @@ def parse_spec(spec: str) -> SpecPrefillSpec | None:
 
 
 def _number(text: str, spec: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise InvalidParameterError(f"bad value {text!r} in {spec!r}")
+    from longserve.eval.cli import parse_value
+
+    value = parse_value(text)
+    if isinstance(value, str):
+        raise InvalidParameterError(f"bad value {text!r} in {spec!r}")
+    return value
 
 
 def register() -> bool:
