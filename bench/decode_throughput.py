@@ -74,13 +74,17 @@ def main() -> None:
     ap.add_argument("--policies", default="full,snapstream@512,snapstream@1024")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default="bench/results/decode_throughput")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing --out JSON (same machine)")
     args = ap.parse_args()
     llm = LLM(args.model, progress=False)
     filler = llm.tokenizer.encode("The grass is green. The sky is blue. The sun is yellow. " * 2000,
                                   add_special_tokens=False)
-    rows = []
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.append else {"rows": [], "meta": {}}
+    rows = previous["rows"]
+    commands = previous["meta"].get("commands", [])
     for length in map(int, args.lengths.split(",")):
-        ids = filler[: length - 16]  # leave room for the decoded tokens inside the context window
+        ids = filler[: length - 2 * args.steps - 8]  # room for warm-up + timed steps inside the window
         for spec in args.policies.split(","):
             batches = sorted(map(int, args.batches.split(",")))
             engine, seqs, prefill_s = prepare(llm, ids, spec, batches[-1], args.steps * 2)
@@ -98,13 +102,14 @@ def main() -> None:
                     and r["batch"] == row["batch"])
         row["speedup_vs_full"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["kv_vs_full"] = row["kv_bytes_per_seq"] / base["kv_bytes_per_seq"]
-    meta = {"command": " ".join(["python", *sys.argv]), "model": args.model, "torch_threads": torch.get_num_threads(),
+    commands.append(" ".join(["python", *sys.argv]))
+    meta = {"commands": commands, "model": args.model, "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Decode throughput: {args.model}", "", f"Command: `{meta['command']}` ({meta['date']}, "
-             f"{meta['torch_threads']} torch threads)", "",
+    lines = [f"# Decode throughput: {args.model}", "", "Commands (rows of every command, same machine, "
+             f"{meta['torch_threads']} torch threads, {meta['date']}):", "",
+             *[f"    {c}" for c in commands], "",
              "| context | policy | batch | decode tok/s (aggregate) | x full | KV MiB/seq | KV vs full |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

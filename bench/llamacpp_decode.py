@@ -1,8 +1,9 @@
 """The outside reference for decode speed: llama.cpp's server (PyPI `xllamacpp`, CPU build) on the same
 SmolLM2 GGUF, B concurrent sequences at a given context, 2 threads.
 
-Decode speed comes from llama.cpp's own per-request `timings` (predicted tokens / predicted ms); with B
-sequences decoding together, aggregate = sum(predicted tokens) / longest predicted time.
+Aggregate decode speed counts the streamed tokens that arrive while all B sequences are decoding, over
+that window; `per sequence` is llama.cpp's own `timings.predicted_per_second` (which, with B > 1, also
+counts time spent waiting for other slots' prefill).
 
     python bench/llamacpp_decode.py --lengths 1024,4096,8192 --batches 1,8
 """
@@ -24,19 +25,36 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. "
 
 
 def run(url: str, prompt: str, batch: int, n_predict: int) -> dict:
-    def one(i: int) -> dict:
-        body = {"prompt": f"{i} {prompt}", "max_tokens": n_predict, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(f"{url}/completions", json=body, timeout=3600)
-        r.raise_for_status()
-        return r.json()["timings"]
+    """Stream B requests; aggregate decode speed = tokens that arrive while *all* B sequences are past their
+    prefill, over that window (llama.cpp interleaves other slots' prefill with decode, so its per-request
+    `predicted_ms` would count waiting time)."""
+
+    def one(i: int) -> tuple[list[float], dict]:
+        body = {"prompt": f"{i} {prompt}", "max_tokens": n_predict, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        stamps, timings = [], {}
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=3600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+                timings = chunk.get("timings", timings)
+        return stamps, timings
 
     with ThreadPoolExecutor(batch) as pool:
-        timings = list(pool.map(one, range(batch)))
-    tokens = sum(t["predicted_n"] for t in timings)
-    longest_s = max(t["predicted_ms"] for t in timings) / 1000
-    return {"batch": batch, "prompt_tokens": timings[0]["prompt_n"], "decode_tok_s": tokens / longest_s,
-            "per_sequence_tok_s": sum(t["predicted_per_second"] for t in timings) / batch,
-            "prefill_tok_s": sum(t["prompt_per_second"] for t in timings) / batch}
+        results = list(pool.map(one, range(batch)))
+    start = max(stamps[0] for stamps, _ in results)  # every sequence is decoding from here on
+    end = min(stamps[-1] for stamps, _ in results)
+    window = [t for stamps, _ in results for t in stamps if start < t <= end]
+    timings = [t for _, t in results]
+    return {"batch": batch, "prompt_tokens": timings[0].get("prompt_n"),
+            "decode_tok_s": len(window) / (end - start) if end > start else float("nan"),
+            "tokens_in_window": len(window),
+            "per_sequence_tok_s": sum(t.get("predicted_per_second", 0) for t in timings) / batch,
+            "prefill_tok_s": sum(t.get("prompt_per_second", 0) for t in timings) / batch}
 
 
 def main() -> None:
@@ -44,7 +62,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,4096,8192")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-predict", type=int, default=32)
+    ap.add_argument("--n-predict", type=int, default=64)
     ap.add_argument("--out", default="bench/results/llamacpp_decode")
     args = ap.parse_args()
     gguf = gguf_path()
