@@ -21,7 +21,7 @@ def run_demo(model: str | None = None, budget: int = 256, policies: str = "full,
     from longserve.llm import LLM
     from longserve.zoo import DEFAULT_MODEL
 
-    console = Console(width=140)
+    console = Console(width=170)
     llm = LLM(model or DEFAULT_MODEL)
     messages = [{"role": "user", "content": f"{document()}\n\nQuestion: {QUESTION}"}]
     n_prompt = len(llm.encode(messages))
@@ -33,13 +33,13 @@ def run_demo(model: str | None = None, budget: int = 256, policies: str = "full,
     full_bytes = None
     for name in policies.split(","):
         start = time.perf_counter()
-        out = llm.generate(messages, max_new_tokens=24, kv_policy=name, kv_budget=None if name == "full" else budget)[0]
+        out = llm.generate(messages, max_new_tokens=32, kv_policy=name, kv_budget=None if name == "full" else budget)[0]
         stats = out.stats
         full_bytes = full_bytes or (stats["kv_bytes_final"] if name == "full" else None)
         share = f"{stats['kv_bytes_final'] / full_bytes:.0%}" if full_bytes else "-"
         found = "yes" if EXPECTED.lower() in out.text.lower() else "no"
         tps = stats["decode_tokens_per_s"]
-        table.add_row(name, out.text.strip().replace("\n", " ")[:60], found,
+        table.add_row(name, out.text.strip().replace("\n", " ")[:90], found,
                       f"{stats['kv_bytes_final'] / 2**20:.1f} MiB", share, f"{stats['ttft_s']:.2f}",
                       f"{tps:.1f}" if tps else "-")
         console.log(f"{name} done in {time.perf_counter() - start:.1f} s")

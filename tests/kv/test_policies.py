@@ -113,15 +113,15 @@ def test_chunked_prefill_equals_single_shot(llm):
         assert run(llm, ids, policy, chunk=40).output_ids == run(llm, ids, policy).output_ids, name
 
 
-def test_streaming_loses_the_middle_snapkv_keeps_it(llm):
+def test_finished_sequence_frees_its_slot_at_once(llm):
     ids = prompt(5, 100)
     stream = make_policy("streaming", budget=20)
     engine = llm._engine(1, stream.capacity(100, 1))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1, ignore_eos=True), stream)
-    engine.step()
-    kept = engine.pool.slots[seq.slot] if seq.slot is not None else None
-    assert kept is None  # finished after one token and the slot was freed at once
     assert engine.pool.n_free == 1
+    engine.step()  # prefill + the only token: the sequence finishes
+    assert seq.is_finished and seq.slot is None
+    assert engine.pool.n_free == 1 and all(s is None for s in engine.pool.slots)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -138,3 +138,13 @@ def test_bad_policy_parameters(kwargs, message):
 
 def test_registry_lists_all_policies():
     assert set(REGISTRY) == {"full", "streaming", "snapkv", "sage", "snapstream", "h2o", "quest", "knorm", "random"}
+
+
+def test_quest_reads_fewer_bytes_but_holds_all(llm):
+    ids = prompt(6, 200)
+    full = run(llm, ids, make_policy("full"), n=8)
+    quest = run(llm, ids, make_policy("quest", budget=48), n=8)
+    assert quest.kv_bytes_final == full.kv_bytes_final  # Quest keeps every token
+    assert quest.kv_bytes_read < 0.5 * full.kv_bytes_read  # but reads 3 pages of 16 per head per step
+    # with a budget covering every page, Quest reads everything and equals full attention
+    assert run(llm, ids, make_policy("quest", budget=256), n=8).output_ids == full.output_ids
