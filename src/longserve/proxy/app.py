@@ -15,7 +15,6 @@ the defaults; it is removed before forwarding.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,9 +25,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.datastructures import Headers
 
 from longserve.errors import InvalidParameterError, LongserveError
+from longserve.server.errors import APIError, APIKeyMiddleware, error_response
 from longserve.specprefill import prompt as P
 from longserve.specprefill.compress import CompressedPrompt, SpeculativePrefill
 
@@ -63,17 +62,10 @@ class ProxyConfig:
             raise InvalidParameterError(f"min_tokens must be >= 0, got {self.min_tokens}")
 
 
-class ProxyError(LongserveError):
+class ProxyError(APIError):
     def __init__(self, message: str, status_code: int = 400, error_type: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status_code, self.error_type, self.code, self.param = status_code, error_type, code, param
-
-
-def error_response(exc: LongserveError) -> JSONResponse:
-    body = {"error": {"message": str(exc), "type": exc.error_type, "param": getattr(exc, "param", None),
-                      "code": getattr(exc, "code", None)}}
-    return JSONResponse(body, status_code=exc.status_code)
+        super().__init__(message, status_code=status_code, error_type=error_type, code=code, param=param)
 
 
 @dataclass
@@ -249,21 +241,6 @@ def _response_headers(resp: httpx.Response, plan: _Plan) -> dict[str, str]:
     return headers
 
 
-class _APIKeyMiddleware:
-    """`Authorization: Bearer KEY` on /v1 (pure ASGI, so streams are untouched)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-                error = ProxyError("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                   status_code=401, code="invalid_api_key")
-                await error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None, *, target_tokenizer=None,
@@ -287,7 +264,7 @@ def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None,
     app.add_exception_handler(Exception, lambda _, exc: error_response(ProxyError(
         f"proxy error: {type(exc).__name__}: {exc}", status_code=500, error_type="server_error")))
     if config.api_key:
-        app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     async def generation(request: Request, path: str, chat: bool) -> Response:
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import time
 import uuid
@@ -29,7 +28,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longserve.engine.engine import StepOutput
@@ -38,7 +36,7 @@ from longserve.errors import ContextLengthError, InvalidParameterError, Longserv
 from longserve.kv.policies import Policy, make_policy
 from longserve.llm import LLM
 from longserve.server.async_engine import AsyncEngine, RequestStream
-from longserve.server.errors import APIError, error_body
+from longserve.server.errors import APIError, APIKeyMiddleware, error_body, error_response
 from longserve.server.kv_plan import KVPlan, plan_kv
 from longserve.server.metrics import Metrics
 from longserve.server.protocol import (
@@ -150,10 +148,6 @@ def _stats(seq: Sequence, prompt: PreparedPrompt) -> dict:
 def _sse(data: BaseModel | dict) -> str:
     body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
     return f"data: {body}\n\n"
-
-
-def _error_response(exc: LongserveError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 # ---- server state -------------------------------------------------------------------------------
@@ -279,21 +273,6 @@ class ServerState:
 # ---- HTTP plumbing ------------------------------------------------------------------------------
 
 
-class _APIKeyMiddleware:
-    """Checks `Authorization: Bearer KEY` on /v1 before the body is read (pure ASGI: streams untouched)."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-                error = APIError("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                 status_code=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                await _error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 async def _stream_events(stream: RequestStream, fmt: _Format, include_usage: bool, prompt: PreparedPrompt):
@@ -350,19 +329,19 @@ async def _respond(state: ServerState, request: Request, body: GenerationRequest
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return _error_response(APIError("the request body is not valid JSON"))
+        return error_response(APIError("the request body is not valid JSON"))
     parts = [f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:3]]
     loc = [str(x) for x in errors[0]["loc"][1:2]] if errors else []
-    return _error_response(APIError("invalid request: " + "; ".join(parts), param=loc[0] if loc else None))
+    return error_response(APIError("invalid request: " + "; ".join(parts), param=loc[0] if loc else None))
 
 
 def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     error = APIError(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
-    return _error_response(error)
+    return error_response(error)
 
 
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    return _error_response(APIError(f"internal error: {type(exc).__name__}: {exc}", status_code=500,
+    return error_response(APIError(f"internal error: {type(exc).__name__}: {exc}", status_code=500,
                                     error_type="server_error"))
 
 
@@ -415,12 +394,12 @@ def create_app(llm, *, served_model_name: str | None = None, kv_policy: Policy |
 
     app = FastAPI(title="longserve", lifespan=lifespan)
     app.state.server = state
-    app.add_exception_handler(LongserveError, lambda _, exc: _error_response(exc))
+    app.add_exception_handler(LongserveError, lambda _, exc: error_response(exc))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     if api_key:
-        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     v1 = APIRouter(prefix="/v1")
 

@@ -6,6 +6,11 @@ that only exist behind HTTP (auth, queueing, routing) so one handler renders the
 
 from __future__ import annotations
 
+import hmac
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+
 from longserve.errors import ContextLengthError, LongserveError
 
 
@@ -43,3 +48,25 @@ def error_body(exc: LongserveError) -> dict:
         code = "context_length_exceeded"
     return {"error": {"message": str(exc), "type": exc.error_type, "param": getattr(exc, "param", None),
                       "code": code}}
+
+
+def error_response(exc: LongserveError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+class APIKeyMiddleware:
+    """Checks `Authorization: Bearer KEY` on /v1 before the body is read (pure ASGI: streams untouched).
+    Shared by the server and the proxy."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+                error = APIError("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                 status_code=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
