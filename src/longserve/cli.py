@@ -90,8 +90,7 @@ def cmd_generate(args) -> int:
     # validate everything cheap before loading weights
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     kv = policy_kwargs(args)
-    make_policy(kv["kv_policy"], budget=kv["kv_budget"], ratio=kv["kv_ratio"],
-                **({"window": args.kv_window} if args.kv_window is not None else {}))
+    make_policy(kv.pop("kv_policy"), budget=kv.pop("kv_budget"), ratio=kv.pop("kv_ratio"), **kv)
     text = read_prompt(args)
     spec_prefill = from_args(args)
     if spec_prefill and args.draft:

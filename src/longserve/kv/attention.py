@@ -162,10 +162,9 @@ class DecodeBackend:
             pool.slots[s].policy.decode == "evict" for s in slots
         )
         self.heads = torch.arange(pool.args.n_kv_heads)
-        entry = 2 * pool.args.n_kv_heads * pool.args.head_dim * pool.k[0].element_size()
         self.sparse_rows = [r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)]
         for slot in slots:  # what dense attention reads this step, over all layers
-            pool.slots[slot].bytes_read += entry * sum(pool.tokens_per_layer(slot))
+            pool.slots[slot].bytes_read += pool.held_nbytes(slot)
 
         self._masks: dict[int, torch.Tensor | None] = {}
 

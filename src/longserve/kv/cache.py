@@ -51,6 +51,8 @@ class KVPool:
         self.v = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
         self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
         self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
+        self.page_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Quest's key bounds, on demand
+        self.entry_nbytes = 2 * args.n_kv_heads * args.head_dim * self.k[0].element_size()  # one token, K+V
         self.slots: list[SlotState | None] = [None] * n_slots
         self.free_slots = list(range(n_slots - 1, -1, -1))
 
@@ -86,30 +88,25 @@ class KVPool:
     # ---- sizes -------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
         """Bytes of K/V one slot physically occupies across all layers."""
-        per_entry = 2 * self.args.n_kv_heads * self.args.head_dim * self.k[0].element_size()
-        return per_entry * sum(self.layer_capacity)
+        return self.entry_nbytes * sum(self.layer_capacity)
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
 
-    def held_nbytes(self, slot: int) -> int:
-        """Bytes of K/V actually in use by a slot's tokens."""
+    def layer_len(self, layer: int, slot: int) -> int:
+        """Valid entries of a slot in one layer: a sliding layer's ring, else the shared fill."""
         state = self.slots[slot]
-        per_entry = 2 * self.args.n_kv_heads * self.args.head_dim * self.k[0].element_size()
-        total = 0
-        for w, cap in zip(self.args.layer_windows, self.layer_capacity, strict=True):
-            total += min(state.written, cap) if w else state.fill
-        return per_entry * total
+        return min(state.written, self.layer_capacity[layer]) if self.args.layer_windows[layer] else state.fill
 
     def tokens_per_layer(self, slot: int) -> list[int]:
-        state = self.slots[slot]
-        return [min(state.written, c) if w else state.fill
-                for w, c in zip(self.args.layer_windows, self.layer_capacity, strict=True)]
+        return [self.layer_len(layer, slot) for layer in range(self.args.n_layers)]
+
+    def held_nbytes(self, slot: int) -> int:
+        """Bytes of K/V actually in use by a slot's tokens."""
+        return self.entry_nbytes * sum(self.tokens_per_layer(slot))
 
     # ---- views -------------------------------------------------------------------------------
     def layer_entries(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V, pos) of the valid entries of one slot in one layer: [Hkv, n, D], [Hkv, n, D], [Hkv, n]."""
-        state = self.slots[slot]
-        cap = self.layer_capacity[layer]
-        n = min(state.written, cap) if self.args.layer_windows[layer] else state.fill
+        n = self.layer_len(layer, slot)
         return self.k[layer][slot, :, :n], self.v[layer][slot, :, :n], self.pos[layer][slot, :, :n]

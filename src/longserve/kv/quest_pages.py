@@ -17,8 +17,6 @@ from longserve.kv.cache import KVPool
 
 
 def _tables(pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not hasattr(pool, "page_bounds"):
-        pool.page_bounds = {}
     if layer not in pool.page_bounds:
         page = 16
         n_pages = math.ceil(pool.layer_capacity[layer] / page)
