@@ -1,12 +1,13 @@
 """Accuracy vs KV budget: every policy at several budgets on pass-key retrieval, query-aware and
 query-agnostic, with a plot.
 
-The prompt's first part is prefilled once per sample into an uncompressed staging slot; each policy
-then runs the final prefill chunk (`--tail` tokens, which holds every query any policy votes with)
-into its own compressed slot and decodes. This is exactly the engine's chunked-prefill path, so the
-per-cell cost is small. (H2O scores with the final chunk's queries only in this mode.)
+The prompt's first part is prefilled once per sample into an uncompressed staging slot; the final
+prefill chunk (`--tail` tokens, which holds every query any policy votes with) runs once, every policy
+selects from it into its own compressed slot (the engine's chunked-prefill path), and all cells of a
+sample decode as one batch. Outputs equal running each cell alone. (H2O scores with the final chunk's
+queries only in this mode.) Resumable: finished cells in the JSONL are skipped.
 
-    python bench/kv_accuracy.py --lengths 2048,4096 --samples 20,10 --budgets 128,256,512,1024
+    python bench/kv_accuracy.py --lengths 2048,4096 --samples 50 --budgets 128,256,512,1024
 """
 
 from __future__ import annotations
@@ -51,32 +52,74 @@ def prefill_staging(llm: LLM, ids: list[int]) -> tuple[KVPool, int]:
     return pool, slot
 
 
-def compressed_run(llm, ids, staged, n_staged, policy, max_new):
-    """Final chunk from the staging slot into a fresh compressed slot, then greedy decode."""
-    engine = llm._engine(1, policy.capacity(len(ids), max_new))
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=max_new), policy)
+class FanOut:
+    """The final chunk's forward pass is the same for every policy (its queries attend to the whole
+    prompt; a policy only chooses afterwards what its slot keeps), so run it once: the first backend
+    attends, and every backend writes its own slot from the same keys (a policy's selection step)."""
+
+    def __init__(self, backends: list[PrefillBackend], staged: tuple[KVPool, int], positions: torch.Tensor):
+        self.backends, self.staged, self.positions = backends, staged, positions
+
+    def attend(self, layer: int, q, k, v):
+        first, *rest = self.backends
+        out = first.attend(layer, q, k, v)
+        pk, pv, ppos = self.staged[0].layer_entries(layer, self.staged[1])
+        keys, values = torch.cat([pk, k[0]], 1), torch.cat([pv, v[0]], 1)
+        key_pos = torch.cat([ppos, self.positions.expand(k.shape[1], -1)], 1)
+        for backend in rest:
+            backend._write_global(layer, q[0], keys, values, key_pos)
+        return out
+
+
+def _start(llm: LLM, ids: list[int], staged, n_staged: int, policies: list, max_new: int):
+    """All of a sample's cells as one batch: the final chunk runs once from the shared staging slot
+    (read only) into every policy's compressed slot; then the cells decode together."""
+    cap = max(p.capacity(len(ids), max_new) for p in policies)
+    engine = llm._engine(len(policies), cap)
+    seqs = [engine.add_request(ids, SamplingParams(max_new_tokens=max_new), p) for p in policies]
     engine.scheduler._admit()
-    engine.runner.staging[seq.seq_id] = staged
-    seq.prefilled = n_staged
-    return engine, seq
+    positions = torch.arange(n_staged, len(ids))
+    backends = [PrefillBackend(engine.pool, s.slot, positions, staging=staged) for s in seqs]
+    with torch.inference_mode():
+        logits = llm.loaded.model(torch.tensor([ids[n_staged:]]), positions[None], FanOut(backends, staged, positions))
+    for backend, seq in zip(backends, seqs, strict=True):
+        backend.finish()
+        seq.prefilled = len(ids)
+        engine.runner._record(seq)
+    return engine, seqs, logits
 
 
-def answer(llm, ids, staged, n_staged, policy, max_new):
-    engine, seq = compressed_run(llm, ids, staged, n_staged, policy, max_new)
+def answer(llm, ids, staged, n_staged, policies, max_new) -> list[tuple[str, int]]:
+    """Query-aware: the question is in the compressed prompt. Returns (answer, KV bytes) per policy."""
+    engine, seqs, logits = _start(llm, ids, staged, n_staged, policies, max_new)
+    engine._emit(seqs, logits.expand(len(seqs), -1))
     while engine.has_unfinished():
         engine.step()
-    return seq.text, seq.stats()
+    return [(s.text, s.stats()["kv_bytes_final"]) for s in seqs]
 
 
-def answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policy, max_new):
-    engine, seq = compressed_run(llm, ctx_ids, staged, n_staged, policy, 1)
-    engine.runner.prefill(seq, len(ctx_ids) - n_staged)  # compress the context; no question seen yet
-    ctx = CompressedContext.from_slot(engine.pool, seq.slot, llm.fingerprint, {"name": policy.name}, len(ctx_ids))
-    outputs = list(llm.stream(q_ids, max_new_tokens=max_new, prefix=ctx))
-    last = outputs[-1]
-    stats = last.seq.stats()
-    stats["kv_bytes_final"] = ctx.nbytes  # what the stored context costs
-    return last.seq.text, stats
+def answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policies, max_new) -> list[tuple[str, int]]:
+    """Query-agnostic: compress the context without the question, then append it and answer."""
+    engine, seqs, _ = _start(llm, ctx_ids, staged, n_staged, policies, 1)
+    contexts = [CompressedContext.from_slot(engine.pool, seq.slot, llm.fingerprint, {"name": policy.name},
+                                            len(ctx_ids)) for seq, policy in zip(seqs, policies, strict=True)]
+    del engine
+    params = SamplingParams(max_new_tokens=max_new)
+    asking = llm._engine(len(contexts), max(c.fill for c in contexts) + len(q_ids) + max_new)
+    seqs = [asking.add_request(q_ids, params, FullPolicy(), prefix=ctx) for ctx in contexts]
+    while asking.has_unfinished():
+        asking.step()
+    return [(s.text, ctx.nbytes) for s, ctx in zip(seqs, contexts, strict=True)]  # the stored context's bytes
+
+
+def build_policy(name: str, budget: int | None):
+    """`snapkv+ada` = SnapKV with head-adaptive (AdaKV) budgets."""
+    base, ada = name.removesuffix("+ada"), name.endswith("+ada")
+    return make_policy(base, budget=budget, **({"head_adaptive": True} if ada else {}))
+
+
+def label_of(name: str, budget: int | None) -> str:
+    return name if budget is None else f"{name}@{budget}"
 
 
 def main() -> None:
@@ -85,7 +128,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,4096")
     ap.add_argument("--samples", default="20,10", help="samples per length (one value or one per length)")
     ap.add_argument("--budgets", default="128,256,512,1024")
-    ap.add_argument("--policies", default="streaming,snapkv,sage,snapstream,h2o,knorm,random")
+    ap.add_argument("--policies", default="streaming,snapkv,sage,snapstream,h2o,knorm,random,snapkv+ada,sage+ada",
+                    help="'+ada' = head-adaptive (AdaKV) budgets")
     ap.add_argument("--settings", default="query_aware,query_agnostic")
     ap.add_argument("--tail", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=7)
@@ -117,23 +161,27 @@ def main() -> None:
                 ids = ctx_ids + q_ids
                 staged = None
                 for setting in settings:
-                    for name, budget in cells:
-                        label = name if budget is None else f"{name}@{budget}"
-                        if (length, i, setting, label) in done:
+                    todo = [(n, b) for n, b in cells if (length, i, setting, label_of(n, b)) not in done]
+                    if not todo:
+                        continue
+                    if staged is None:
+                        n_staged = len(ctx_ids) - args.tail
+                        staged = prefill_staging(llm, ctx_ids[:n_staged])
+                    answers = []
+                    for group in ([c for c in todo if c[1] is None], [c for c in todo if c[1] is not None]):
+                        if not group:  # the full cache alone; the compressed cells batch in small slots
                             continue
-                        if staged is None:
-                            n_staged = len(ctx_ids) - args.tail
-                            staged = prefill_staging(llm, ctx_ids[:n_staged])
-                        policy = make_policy(name, budget=budget)
+                        policies = [build_policy(n, b) for n, b in group]
                         if setting == "query_aware":
-                            text, stats = answer(llm, ids, staged, n_staged, policy, args.max_new_tokens)
+                            got = answer(llm, ids, staged, n_staged, policies, args.max_new_tokens)
                         else:
-                            text, stats = answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policy,
-                                                          args.max_new_tokens)
-                        row = {"length": length, "sample": i, "setting": setting, "label": label, "policy": name,
-                               "budget": budget, "prompt_tokens": len(ids), "depth": depth, "key": key,
-                               "prediction": text, "correct": str(key) in text,
-                               "kv_bytes": stats["kv_bytes_final"]}
+                            got = answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policies,
+                                                  args.max_new_tokens)
+                        answers += list(zip(group, got, strict=True))
+                    for (name, budget), (text, kv_bytes) in answers:
+                        row = {"length": length, "sample": i, "setting": setting, "label": label_of(name, budget),
+                               "policy": name, "budget": budget, "prompt_tokens": len(ids), "depth": depth,
+                               "key": key, "prediction": text, "correct": str(key) in text, "kv_bytes": kv_bytes}
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
                         bar.update()

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {"target-only": {"tokens": 0, "decode_s": 0.0}}
     rows.update({f"k={k}": {"tokens": 0, "decode_s": 0.0, "proposed": 0, "accepted": 0, "rounds": 0,
-                            "forwards": 0, "identical": 0} for k in ks})
+                            "forwards": 0, "identical": 0, "same_prefix": 0, "compared": 0} for k in ks})
     for i, chat in enumerate(chats):
         start = time.perf_counter()
         base = target.generate(chat, max_new_tokens=args.max_new_tokens)[0]
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             r["rounds"] += s["verify_rounds"]
             r["forwards"] += s["target_forward_passes"]
             r["identical"] += out.token_ids == base.token_ids
+            r["same_prefix"] += next((j for j, (a, b) in enumerate(zip(out.token_ids, base.token_ids, strict=False))
+                                      if a != b), min(len(out.token_ids), len(base.token_ids)))
+            r["compared"] += len(base.token_ids)
         print(f"prompt {i + 1}/{len(chats)} done", file=sys.stderr, flush=True)
 
     base_rate = rows["target-only"]["tokens"] / rows["target-only"]["decode_s"]
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             row.update({"acceptance_rate": r["accepted"] / r["proposed"] if r["proposed"] else None,
                         "mean_accepted_length": r["accepted"] / r["rounds"] if r["rounds"] else None,
                         "tokens_per_target_forward": r["tokens"] / r["forwards"] if r["forwards"] else None,
-                        "identical_outputs": f"{r['identical']}/{len(chats)}"})
+                        "identical_outputs": f"{r['identical']}/{len(chats)}",
+                        "same_prefix_fraction": r["same_prefix"] / r["compared"] if r["compared"] else None})
         results.append(row)
     report = {
         "command": ".venv/bin/python " + shlex.join(["bench/specdecode_bench.py", *(argv or sys.argv[1:])]),
@@ -139,16 +143,18 @@ def markdown(report: dict) -> str:
         f"up to {report['max_new_tokens']} new tokens, {report['dtype']}, {'adaptive' if report['adaptive'] else 'fixed'}"
         f" k, {report['machine']}.", "",
         "| run | decode tok/s | vs target-only | acceptance | mean accepted / round | tokens / target forward "
-        "| identical output |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| identical output | tokens before first difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(f"| {r['run']} | {_f(r['decode_tokens_per_s'], '.2f')} | {_f(r['speedup'], '.2f')}x | "
                      f"{_f(r.get('acceptance_rate'), '.1%')} | {_f(r.get('mean_accepted_length'), '.2f')} | "
-                     f"{_f(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} |")
+                     f"{_f(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} | "
+                     f"{_f(r.get('same_prefix_fraction'), '.1%')} |")
     lines += ["", "Decode tok/s counts the tokens after the first over the time after the first token (prefill "
               "excluded: for speculative runs both the draft and the target prefill). Identical output: token-for-token equal to "
-              "target-only greedy decoding of the same prompt.", ""]
+              "target-only greedy decoding of the same prompt; tokens before first difference: the share of target-only "
+              "tokens reproduced before the two outputs first differ.", ""]
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ from longserve.cli import main
     (["generate", "hi", "--kv-policy", "snapkv", "--kv-budget", "0"], "budget must be > 0"),
     (["generate", "hi", "--kv-policy", "snapkv", "--kv-ratio", "2"], "ratio must be in (0, 1]"),
     (["generate", "hi", "--kv-policy", "snapkv", "--kv-budget", "16", "--kv-window", "64"], "exceed the kv budget"),
+    (["generate", "hi", "--kv-policy", "h2o", "--kv-budget", "64", "--kv-head-adaptive"],
+     "head_adaptive budgets are not supported by policy 'h2o'"),
     (["models", "pull", "no-such-model"], "unknown zoo model 'no-such-model'; known: smollm2-135m-instruct"),
 ])
 def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatch):

@@ -24,12 +24,16 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=int, help="tokens kept per sequence (sinks + selected + window)")
     p.add_argument("--kv-ratio", type=float, help="fraction of the prompt kept, in (0, 1]")
     p.add_argument("--kv-window", type=int, help="recent tokens always kept (policy default otherwise)")
+    p.add_argument("--kv-head-adaptive", action="store_true",
+                   help="AdaKV: one top-k over each layer's heads (same bytes; heads keep different counts)")
 
 
 def policy_kwargs(args) -> dict:
     out = {"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_ratio": args.kv_ratio}
     if args.kv_window is not None:
         out["window"] = args.kv_window
+    if args.kv_head_adaptive:
+        out["head_adaptive"] = True
     return out
 
 

@@ -32,6 +32,7 @@ class CompressedContext:
     values: list[torch.Tensor]
     positions: list[torch.Tensor]
     meta: dict = field(default_factory=dict)
+    heads: list[torch.Tensor] | None = None  # head-adaptive contexts: each entry's KV head (flat layout)
 
     @property
     def nbytes(self) -> int:
@@ -40,6 +41,16 @@ class CompressedContext:
     @classmethod
     def from_slot(cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int) -> CompressedContext:
         state = pool.slots[slot]
+        if state.flat:  # stored as [Hkv, fill] blocks of the flat entry list, with each entry's head
+            if any(pool.args.layer_windows):
+                raise InvalidParameterError("head-adaptive contexts of sliding-window models cannot be stored")
+            shape = (pool.args.n_kv_heads, state.fill)
+            entries = [pool.flat_entries(layer, slot) for layer in range(pool.args.n_layers)]
+            return cls(fingerprint, policy, n_tokens, state.next_pos, state.written, state.fill,
+                       [k.reshape(*shape, -1).clone() for k, _, _, _ in entries],
+                       [v.reshape(*shape, -1).clone() for _, v, _, _ in entries],
+                       [p.reshape(shape).clone() for _, _, p, _ in entries],
+                       heads=[h.reshape(shape).clone() for _, _, _, h in entries])
         entries = [pool.layer_entries(layer, slot) for layer in range(pool.args.n_layers)]
         return cls(fingerprint, policy, n_tokens, state.next_pos, state.written, state.fill,
                    [k.clone() for k, _, _ in entries], [v.clone() for _, v, _ in entries],
@@ -49,9 +60,16 @@ class CompressedContext:
         state = pool.slots[slot]
         for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
             n = k.shape[1]
+            if self.heads is not None:
+                fk, fv, fpos, fheads = pool.flat_view(layer, slot)
+                e = k.shape[0] * n
+                fk[:e], fv[:e] = k.reshape(e, -1), v.reshape(e, -1)
+                fpos[:e], fheads[:e] = p.reshape(e), self.heads[layer].reshape(e)
+                continue
             pool.k[layer][slot, :, :n] = k
             pool.v[layer][slot, :, :n] = v
             pool.pos[layer][slot, :, :n] = p
+        state.flat = self.heads is not None
         state.fill, state.written, state.next_pos = self.fill, self.written, self.next_pos
         state.protected = self.fill
         state.peak_fill = self.fill
@@ -63,6 +81,8 @@ class CompressedContext:
         tensors = {}
         for i, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
             tensors[f"k.{i}"], tensors[f"v.{i}"], tensors[f"pos.{i}"] = k.contiguous(), v.contiguous(), p.contiguous()
+            if self.heads is not None:
+                tensors[f"heads.{i}"] = self.heads[i].contiguous()
         header = {"format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint, "policy": self.policy,
                   "n_context_tokens": self.n_context_tokens, "next_pos": self.next_pos, "written": self.written,
                   "fill": self.fill, "meta": self.meta}
@@ -98,4 +118,5 @@ class CompressedContext:
         n = len([k for k in tensors if k.startswith("k.")])
         return cls(header["model_fingerprint"], header["policy"], header["n_context_tokens"], header["next_pos"],
                    header["written"], header["fill"], [tensors[f"k.{i}"] for i in range(n)],
-                   [tensors[f"v.{i}"] for i in range(n)], [tensors[f"pos.{i}"] for i in range(n)], header["meta"])
+                   [tensors[f"v.{i}"] for i in range(n)], [tensors[f"pos.{i}"] for i in range(n)], header["meta"],
+                   [tensors[f"heads.{i}"] for i in range(n)] if "heads.0" in tensors else None)

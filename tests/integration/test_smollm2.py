@@ -48,13 +48,14 @@ def test_passkey_full_attention_1k(llm):
     assert sum(str(k) in o.text for k, o in zip(keys, outs, strict=True)) >= 2
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "sage", "snapstream"])
-def test_needle_survives_compression_at_budget_256(llm, policy):
+@pytest.mark.parametrize("policy, head_adaptive", [("snapkv", False), ("sage", False), ("snapstream", False),
+                                                   ("snapstream", True)])
+def test_needle_survives_compression_at_budget_256(llm, policy, head_adaptive):
     key = 60494
     prompt = passkey_prompt(key, 80, 0.5)  # ~2k tokens, needle in the middle
     full = llm.generate(prompt, max_new_tokens=8)[0]
     assert str(key) in full.text
-    out = llm.generate(prompt, max_new_tokens=8, kv_policy=policy, kv_budget=256)[0]
+    out = llm.generate(prompt, max_new_tokens=8, kv_policy=policy, kv_budget=256, head_adaptive=head_adaptive)[0]
     assert str(key) in out.text, out.text
     assert out.stats["kv_bytes_allocated"] == 256 * llm.loaded.args.kv_bytes_per_token() * (
         1 if policy != "snapkv" else (256 + 8) / 256)

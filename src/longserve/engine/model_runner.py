@@ -67,6 +67,7 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         if seq.slot is not None:
             seq.kv_tokens_per_layer = self.pool.tokens_per_layer(seq.slot)
+            seq.kv_tokens_per_head = self.pool.tokens_per_head(seq.slot)
             self.pool.free(seq.slot)
             seq.slot = None
         self.staging.pop(seq.seq_id, None)

@@ -47,6 +47,7 @@ class Sequence:
     kv_bytes_final: int = 0
     kv_tokens_final: int = 0  # tokens held per global layer at the end
     kv_tokens_per_layer: list[int] = field(default_factory=list)
+    kv_tokens_per_head: list[list[int]] | None = None  # head-adaptive slots: [layer][kv head]
     kv_bytes_read: int = 0  # K/V bytes attention read during decode
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class Sequence:
             "kv_bytes_final": self.kv_bytes_final,
             "kv_tokens_final": self.kv_tokens_final,
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
+            "kv_tokens_per_head": self.kv_tokens_per_head,
             "compression_ratio": (self.prompt_len + len(self.output_ids)) / max(1, self.kv_tokens_final),
             "kv_bytes_read": self.kv_bytes_read,
             "finish_reason": self.finish_reason,

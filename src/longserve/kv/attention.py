@@ -39,10 +39,14 @@ class PrefillBackend:
         self.prefix_fill = self.src_pool.slots[self.src_slot].fill
         self.new_fill = self.prefix_fill + len(positions)
         self.into_slot = final or staging is None  # global layers write the real slot (else the staging)
+        self.flat_prefix = staging is None and state.flat  # a head-adaptive slot gets more tokens
+        self.made_flat = False
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool, args = self.pool, self.pool.args
         window = args.layer_windows[layer]
+        if self.flat_prefix and not window:
+            return self._attend_flat(layer, q, k, v)
         if window:
             pk, pv, ppos = pool.layer_entries(layer, self.slot)
         else:
@@ -68,6 +72,32 @@ class PrefillBackend:
             self._write_global(layer, q[0], keys, values, key_pos)
         return out
 
+    def _attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """New tokens on top of a head-adaptive prefix: each KV head's queries see the prefix entries
+        tagged with that head, then the new tokens causally; the new tokens append, all heads per token."""
+        pool, slot, args = self.pool, self.slot, self.pool.args
+        policy = pool.slots[slot].policy
+        hkv, t, d = k.shape[1], k.shape[2], k.shape[3]
+        if self.final and policy.kept(self.new_fill) < self.new_fill:
+            raise RuntimeError("a head-adaptive cache cannot be compressed a second time")
+        pk, pv, _, ph = pool.flat_entries(layer, slot)
+        keys = torch.cat([pk.expand(hkv, -1, -1), k[0]], 1)
+        values = torch.cat([pv.expand(hkv, -1, -1), v[0]], 1)
+        own = (ph[None, :] == torch.arange(hkv)[:, None])[:, None, :].expand(hkv, t, -1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril().expand(hkv, t, t)
+        mask = torch.cat([own, causal], -1).repeat_interleave(q.shape[1] // hkv, 0)[None]
+        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=args.scaling,
+                                             enable_gqa=True)
+        if self.new_fill > pool.layer_capacity[layer]:
+            raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {self.new_fill} tokens")
+        fk, fv, fpos, fheads = pool.flat_view(layer, slot)
+        new = slice(self.prefix_fill * hkv, self.new_fill * hkv)  # token-major: all heads of a token together
+        fk[new] = k[0].transpose(0, 1).reshape(-1, d)
+        fv[new] = v[0].transpose(0, 1).reshape(-1, d)
+        fpos[new] = self.positions.repeat_interleave(hkv)
+        fheads[new] = torch.arange(hkv).repeat(t)
+        return out
+
     def _write_ring(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         pool = self.pool
         cap = pool.layer_capacity[layer]
@@ -86,6 +116,10 @@ class PrefillBackend:
         scores = None
         if n_keep < total or needs_scores:
             inputs = ScoreInputs(layer, q, keys, values, key_pos[0], pool.args.scaling, self.seed)
+            if n_keep < total and policy.head_adaptive:
+                self._write_adaptive(layer, policy.select_adaptive(inputs, n_keep), keys, values, key_pos)
+                self.new_fill = n_keep
+                return
             if n_keep < total:
                 keep = policy.select(inputs, n_keep)
                 keys, values, key_pos = _gather(keys, keep), _gather(values, keep), _gather(key_pos, keep)
@@ -104,6 +138,16 @@ class PrefillBackend:
             pool.scores[layer][slot, :, new] = scores[:, src]
         self.new_fill = n_keep
 
+    def _write_adaptive(self, layer, selected, keys, values, key_pos) -> None:
+        """AdaKV: the layer's kept (head, token) pairs fill the slot as one flat entry list."""
+        heads, tokens = selected
+        n = len(heads)
+        if n > self.pool.layer_capacity[layer] * self.pool.args.n_kv_heads:
+            raise RuntimeError(f"slot capacity {self.pool.layer_capacity[layer]} too small for {n} entries")
+        fk, fv, fpos, fheads = self.pool.flat_view(layer, self.slot)
+        fk[:n], fv[:n], fpos[:n], fheads[:n] = keys[heads, tokens], values[heads, tokens], key_pos[heads, tokens], heads
+        self.made_flat = True
+
     def finish(self) -> None:
         """Commit the book-keeping once every layer has run."""
         state = self.pool.slots[self.slot]
@@ -114,6 +158,7 @@ class PrefillBackend:
             self.src_pool.slots[self.src_slot].fill = self.new_fill
             return
         state.fill = self.new_fill
+        state.flat = state.flat or self.made_flat
         state.protected = state.policy.protected_prefix(state.fill)
         state.ring_next = 0
         if state.policy.decode != "append":  # a fixed-size policy never outgrows its budget
@@ -163,6 +208,7 @@ class DecodeBackend:
         )
         self.heads = torch.arange(pool.args.n_kv_heads)
         self.sparse_rows = [r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)]
+        self.flat_rows = [r for r, s in enumerate(slots) if pool.slots[s].flat]
         for slot in slots:  # what dense attention reads this step, over all layers
             pool.slots[slot].bytes_read += pool.held_nbytes(slot)
 
@@ -200,6 +246,15 @@ class DecodeBackend:
         index = self._write_index(layer)
         rows = self.slot_index[:, None].expand(b, hkv)
         heads = self.heads[None, :].expand(b, hkv)
+        flat = self.flat_rows and not pool.args.layer_windows[layer]
+        if flat:  # head-adaptive slots: the token's entries go to flat indices, all heads together
+            fr = torch.tensor(self.flat_rows)
+            entry = index[fr] * hkv + self.heads[None, :]
+            cap = pool.layer_capacity[layer]
+            heads, index = heads.clone(), index.clone()
+            heads[fr], index[fr] = entry // cap, entry % cap
+            pool.ensure_heads()
+            pool.heads[layer][rows[fr], heads[fr], index[fr]] = self.heads[None, :].expand(len(fr), hkv)
         pool.k[layer][rows, heads, index] = k[:, :, 0]
         pool.v[layer][rows, heads, index] = v[:, :, 0]
         pool.pos[layer][rows, heads, index] = self.positions[:, None].expand(b, hkv)
@@ -232,4 +287,15 @@ class DecodeBackend:
             out = out.clone()
             for row in self.sparse_rows:  # Quest: attend over the selected pages only
                 out[row] = quest_pages.attend(pool, layer, self.slots[row], qg[row], int(valid[row]))
+        if flat:
+            out = out.clone()
+            for row in self.flat_rows:
+                out[row] = self._attend_flat(layer, self.slots[row], qg[row])
         return out.view(b, hq, 1, d)
+
+    def _attend_flat(self, layer: int, slot: int, qg: torch.Tensor) -> torch.Tensor:
+        """One head-adaptive slot: each KV head's query group [Hkv, G, D] over the entries of that head."""
+        keys, values, _, heads = self.pool.flat_entries(layer, slot)
+        logits = (qg @ keys.T).float() * self.pool.args.scaling  # [Hkv, G, E]
+        logits = logits.masked_fill(heads[None, None, :] != self.heads[:, None, None], float("-inf"))
+        return logits.softmax(-1).to(values.dtype) @ values

@@ -8,6 +8,10 @@ built (the policy's budget for fixed-size policies), which gives every sequence 
 bytes a compressed sequence holds are `capacity * bytes_per_token`, measured, not masked.
 
 Sliding-window layers (Gemma3, Mistral) are never compressed: they keep a ring of their window.
+
+Head-adaptive slots (AdaKV) keep a different number of tokens per KV head. Their global layers use
+the same bytes, read as one flat list of `capacity * kv_heads` entries, each tagged with its head
+(`heads`); attention masks by that tag. `fill` still counts tokens: `fill * kv_heads` entries.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SlotState:
     limit: int = 0  # most entries this sequence may hold in global layers (its budget, capped by the slot)
     peak_fill: int = 0
     bytes_read: int = 0  # K/V bytes read by attention during decode (Quest saves these)
+    flat: bool = False  # global layers hold a head-adaptive flat layout (see the module docstring)
     stats: dict = field(default_factory=dict)
 
 
@@ -51,6 +56,7 @@ class KVPool:
         self.v = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
         self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
         self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
+        self.heads: list[torch.Tensor] | None = None  # KV head of each entry of flat slots, made on demand
         self.page_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Quest's key bounds, on demand
         self.entry_nbytes = 2 * args.n_kv_heads * args.head_dim * self.k[0].element_size()  # one token, K+V
         self.slots: list[SlotState | None] = [None] * n_slots
@@ -81,6 +87,10 @@ class KVPool:
         if self.scores is None:
             self.scores = [torch.zeros(p.shape, dtype=torch.float32) for p in self.pos]
 
+    def ensure_heads(self) -> None:
+        if self.heads is None:
+            self.heads = [torch.zeros(p.shape, dtype=torch.long) for p in self.pos]
+
     @property
     def n_free(self) -> int:
         return len(self.free_slots)
@@ -101,6 +111,14 @@ class KVPool:
     def tokens_per_layer(self, slot: int) -> list[int]:
         return [self.layer_len(layer, slot) for layer in range(self.args.n_layers)]
 
+    def tokens_per_head(self, slot: int) -> list[list[int]] | None:
+        """Head-adaptive slots: tokens each KV head holds in each global layer (None otherwise)."""
+        if not self.slots[slot].flat:
+            return None
+        n_heads = self.args.n_kv_heads
+        return [torch.bincount(self.flat_entries(layer, slot)[3], minlength=n_heads).tolist()
+                for layer in range(self.args.n_layers) if not self.args.layer_windows[layer]]
+
     def held_nbytes(self, slot: int) -> int:
         """Bytes of K/V actually in use by a slot's tokens."""
         return self.entry_nbytes * sum(self.tokens_per_layer(slot))
@@ -108,5 +126,22 @@ class KVPool:
     # ---- views -------------------------------------------------------------------------------
     def layer_entries(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K, V, pos) of the valid entries of one slot in one layer: [Hkv, n, D], [Hkv, n, D], [Hkv, n]."""
+        if self.is_flat(layer, slot):
+            raise RuntimeError("a head-adaptive slot has no per-head layout; read it with flat_entries()")
         n = self.layer_len(layer, slot)
         return self.k[layer][slot, :, :n], self.v[layer][slot, :, :n], self.pos[layer][slot, :, :n]
+
+    def is_flat(self, layer: int, slot: int) -> bool:
+        return self.slots[slot].flat and not self.args.layer_windows[layer]
+
+    def flat_view(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K [C*Hkv, D], V, pos [C*Hkv], heads [C*Hkv]): a slot's global-layer storage as one entry list."""
+        d = self.args.head_dim
+        self.ensure_heads()
+        return (self.k[layer][slot].view(-1, d), self.v[layer][slot].view(-1, d), self.pos[layer][slot].view(-1),
+                self.heads[layer][slot].view(-1))
+
+    def flat_entries(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The valid entries of a flat slot: `fill * kv_heads` of them."""
+        n = self.slots[slot].fill * self.args.n_kv_heads
+        return tuple(t[:n] for t in self.flat_view(layer, slot))

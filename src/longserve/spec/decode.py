@@ -9,7 +9,8 @@ follows the target's (temperature / top-k / top-p filtered) distribution exactly
 One sequence at a time (batch 1): `generate()` with several prompts runs them one after another.
 Every KV policy works, with rollback as described in `longserve.spec.rollback`: truncation for append
 policies (full, snapkv, knorm, random), journaled undo for ring/evict/sparse ones (streaming, sage,
-snapstream, h2o, quest).
+snapstream, h2o, quest). Head-adaptive budgets (`head_adaptive=True`) are refused: their flat layout
+has no per-head journal.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ class SpeculativeDecoder:
             draft_policy = self.draft.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         else:
             draft_policy = self.draft.policy(draft_kv_policy)
+        if policy.head_adaptive or draft_policy.head_adaptive:
+            raise InvalidParameterError("speculative decoding cannot roll back a head-adaptive KV cache; "
+                                        "use a uniform budget (head_adaptive=False)")
         ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) \
             else self.target.encode(prompt)
         return SpeculativeRun(self, list(ids), params, policy, draft_policy)

@@ -58,18 +58,28 @@ class Policy:
       - "ring": a fixed-size cache; new tokens overwrite the oldest token of the recent region, so a
         sequence never holds more than its budget (StreamingLLM, SAGE-KV, SnapStream);
       - "evict": a fixed-size cache; each new token replaces the lowest-scored old one (H2O).
+
+    `head_adaptive` (AdaKV, Feng et al., 2024): instead of `budget` tokens per KV head, one top-k over
+    all heads of a layer keeps `budget * kv_heads` entries, so heads whose attention is spread keep
+    more tokens and focused heads fewer. The bytes held are the same as the uniform budget's; each
+    head is still guaranteed `head_floor` of its uniform share of the selected (middle) tokens.
     """
 
     budget: int | None = None
     ratio: float | None = None
     window: int = 32  # recent tokens always kept
     n_sink: int = 0  # first tokens always kept
+    head_adaptive: bool = False
+    head_floor: float = 0.2
 
     name: ClassVar[str] = "base"
     decode: ClassVar[str] = "append"
     compresses: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        if self.head_adaptive and (not self.compresses or self.decode == "evict" or not self.window):
+            raise InvalidParameterError(f"head_adaptive budgets are not supported by policy '{self.name}': it "
+                                        "must evict at prefill, then append or ring over a recent window > 0")
         if not self.compresses:
             return
         if (self.budget is None) == (self.ratio is None):
@@ -80,6 +90,8 @@ class Policy:
             raise InvalidParameterError(f"kv ratio must be in (0, 1], got {self.ratio}")
         if self.window < 0 or self.n_sink < 0:
             raise InvalidParameterError("window and n_sink must be >= 0")
+        if not 0 <= self.head_floor <= 1:
+            raise InvalidParameterError(f"head_floor must be in [0, 1], got {self.head_floor}")
         if self.budget is not None and self.window + self.n_sink > self.budget:
             raise InvalidParameterError(
                 f"window ({self.window}) + sinks ({self.n_sink}) exceed the kv budget ({self.budget}); "
@@ -123,3 +135,26 @@ class Policy:
         scores[:, forced] = float("inf")
         keep = scores.topk(n_keep, dim=-1).indices
         return keep.sort(dim=-1).values
+
+    def select_adaptive(self, inputs: ScoreInputs, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """AdaKV: (head, token) index pairs of the `n_keep * kv_heads` entries one layer keeps.
+
+        Sinks and the recent window are kept in every head; the rest of the layer's share is one
+        top-k over all heads (each head first gets `head_floor` of its uniform share). Order: the
+        selected entries by head then position, then the window token by token (all heads of a token
+        together), so a ring over the recent region overwrites whole tokens."""
+        hkv, length, _ = inputs.keys.shape
+        n_window = min(self.window, length)
+        middle = length - n_window
+        scores = self.score(inputs).float().expand(hkv, length)[:, :middle].clone()
+        scores[:, : self.n_sink] = float("inf")
+        share = n_keep - n_window  # selected tokens per head under a uniform budget
+        floor = min(share, max(self.n_sink, int(self.head_floor * share)))
+        if floor:
+            scores.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
+        flat = scores.flatten().topk(share * hkv).indices.sort().values  # head-major, then position
+        heads, tokens = flat // middle, flat % middle
+        recent = torch.arange(middle, length)
+        heads = torch.cat([heads, torch.arange(hkv).repeat(n_window)])
+        tokens = torch.cat([tokens, recent.repeat_interleave(hkv)])
+        return heads, tokens

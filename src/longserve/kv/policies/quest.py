@@ -19,6 +19,7 @@ class QuestPolicy(Policy):
     def __post_init__(self) -> None:
         from longserve.errors import InvalidParameterError
 
+        super().__post_init__()
         if self.budget is None or self.budget < self.page_size:
             raise InvalidParameterError(f"quest needs budget >= page size ({self.page_size}) tokens")
 
