@@ -40,6 +40,8 @@ def run_plan(entry: str, args: argparse.Namespace, out: Path) -> dict:
         argv += ["--threads", str(args.threads)]
     if args.answer_cap:
         argv += ["--answer-cap", str(args.answer_cap)]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
     print(f"== {model} lengths={lengths} samples={samples}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     rc = eval_main(argv)
@@ -98,6 +100,8 @@ def main() -> int:
     p.add_argument(
         "--answer-cap", type=int, help="at most N new tokens per answer (saves decode time on CPU)"
     )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights' dtype (bfloat16 prefills 2.5-3.5x faster on CPUs with AVX512-BF16)")
     p.add_argument("--report-only", action="store_true", help="only merge what the plan's runs have so far")
     args = p.parse_args()
     out = Path(args.out)

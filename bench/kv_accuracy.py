@@ -43,7 +43,7 @@ def passkey_context(tokenizer, key: int, n_tokens: int, depth: float) -> str:
 
 
 def prefill_staging(llm: LLM, ids: list[int]) -> tuple[KVPool, int]:
-    pool = KVPool(llm.loaded.args, 1, len(ids))
+    pool = KVPool(llm.loaded.args, 1, len(ids), dtype=llm.dtype)
     slot = pool.allocate(FullPolicy())
     backend = PrefillBackend(pool, slot, torch.arange(len(ids)), final=False)
     with torch.inference_mode():
@@ -133,9 +133,10 @@ def main() -> None:
     ap.add_argument("--settings", default="query_aware,query_agnostic")
     ap.add_argument("--tail", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=7)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="bench/results/kv_accuracy")
     args = ap.parse_args()
-    llm = LLM(args.model, progress=False)
+    llm = LLM(args.model, dtype=args.dtype, progress=False)
     assert not any(llm.loaded.args.layer_windows), "staging reuse assumes no sliding-window layers"
     lengths = [int(x) for x in args.lengths.split(",")]
     samples = [int(x) for x in args.samples.split(",")]

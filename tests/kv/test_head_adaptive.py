@@ -134,3 +134,15 @@ def test_compressed_context_round_trip_and_ask(llm, tmp_path):
 def test_policies_that_cannot_adapt_say_so(name):
     with pytest.raises(InvalidParameterError, match="head_adaptive"):
         make_policy(name, budget=64, head_adaptive=True)
+
+
+def test_sliding_window_layers_keep_their_ring():
+    """Gemma3: only the global layers go flat; the sliding layers keep their per-head ring."""
+    loaded, _ = tiny_loaded("gemma3", num_hidden_layers=4)
+    gemma = LLM(loaded=loaded)
+    ids = prompt(40, 150)
+    adaptive = run(gemma, ids, make_policy("snapstream", budget=40, window=8, head_adaptive=True), n=6)
+    uniform = run(gemma, ids, make_policy("snapstream", budget=40, window=8), n=6)
+    assert adaptive.kv_bytes_allocated == uniform.kv_bytes_allocated
+    assert adaptive.kv_tokens_per_layer == uniform.kv_tokens_per_layer
+    assert len(adaptive.kv_tokens_per_head) == sum(1 for w in gemma.loaded.args.layer_windows if not w)
