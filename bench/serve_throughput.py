@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-len", type=int, default=4096, help="sequence length for the capacity table")
     p.add_argument("--capacity-memory", default="2GiB")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and KV for longserve and the HF baseline alike")
     p.add_argument("--out", default="bench/results/serve_throughput", help="output path without extension")
     return p.parse_args(argv)
 
@@ -142,7 +144,7 @@ def hf_baseline(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
         def end(self) -> None:
             pass
 
-    model = AutoModelForCausalLM.from_pretrained(llm.loaded.path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(llm.loaded.path, dtype=llm.dtype).eval()
     ids = torch.tensor([prompts[0][:16]])
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)  # warm-up
     ttfts, tokens = [], 0
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
     specs = args.policies.split(",")
-    llm = LLM(args.model, max_batch_size=max(levels), progress=False)
+    llm = LLM(args.model, dtype=args.dtype, max_batch_size=max(levels), progress=False)
     prompts = build_prompts(llm.tokenizer, args.requests, args.prompt_tokens)
     throughput = []
     for spec in specs:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(sys.orig_argv), "model": args.model, "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads)",
+                   f"({torch.get_num_threads()} threads), {args.dtype}",
         "throughput": throughput,
         "capacity": capacity(llm, specs, args.capacity_len, args.capacity_memory),
     }
