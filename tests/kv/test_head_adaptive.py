@@ -64,10 +64,7 @@ def test_decode_equals_a_full_cache_masked_per_head(llm, name):
     keep = kept_per_head(engine, seq.slot, args.n_layers, args.n_kv_heads, 90)
     while engine.has_unfinished():
         engine.step()
-    full_ids = torch.tensor([ids + seq.output_ids[:-1]])
-    with torch.no_grad():
-        ref = llm.loaded.model(full_ids, torch.arange(full_ids.shape[1])[None], MaskedReference(keep, 90),
-                               last_only=False)[0, 89:]
+    ref = MaskedReference(keep, 90).logits(llm.loaded.model, ids + seq.output_ids[:-1])[89:]
     assert ref.argmax(-1).tolist() == seq.output_ids
 
 
@@ -114,10 +111,7 @@ def test_compressed_context_round_trip_and_ask(llm, tmp_path):
     assert again == answer
     keep = [[ctx.positions[layer].flatten()[ctx.heads[layer].flatten() == h].sort().values
              for h in range(args.n_kv_heads)] for layer in range(args.n_layers)]
-    full_ids = torch.tensor([ctx_ids + q_ids + answer[:-1]])
-    with torch.no_grad():
-        ref = llm.loaded.model(full_ids, torch.arange(full_ids.shape[1])[None], MaskedReference(keep, 100),
-                               last_only=False)[0]
+    ref = MaskedReference(keep, 100).logits(llm.loaded.model, ctx_ids + q_ids + answer[:-1])
     assert ref[100 + len(q_ids) - 1:].argmax(-1).tolist() == answer
     # the question's own logits, read straight from the backend, equal the reference's
     pool = KVPool(args, 1, 120)

@@ -86,6 +86,11 @@ class MaskedReference:
         return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                               attn_mask=mask, scale=0.25)
 
+    def logits(self, model, ids: list[int]) -> torch.Tensor:
+        """[T, V] logits of every position of `ids` under this masking."""
+        with torch.no_grad():
+            return model(torch.tensor([ids]), torch.arange(len(ids))[None], self, last_only=False)[0]
+
 
 @pytest.mark.parametrize("name", ["snapkv", "knorm", "streaming"])
 def test_positions_after_eviction(llm, name):
@@ -99,11 +104,8 @@ def test_positions_after_eviction(llm, name):
     keep = [engine.pool.pos[layer][seq.slot, :, :30].clone() for layer in range(llm.loaded.args.n_layers)]
     while engine.has_unfinished():
         engine.step()
-    full_ids = torch.tensor([ids + seq.output_ids[:-1]])
-    with torch.no_grad():
-        ref_logits = llm.loaded.model(full_ids, torch.arange(full_ids.shape[1])[None], MaskedReference(keep, 90),
-                                      last_only=False)[0, 89:]
-    assert ref_logits.argmax(-1).tolist() == seq.output_ids
+    ref = MaskedReference(keep, 90).logits(llm.loaded.model, ids + seq.output_ids[:-1])[89:]
+    assert ref.argmax(-1).tolist() == seq.output_ids
 
 
 def test_chunked_prefill_equals_single_shot(llm):
