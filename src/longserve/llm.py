@@ -80,16 +80,16 @@ class LLM:
         return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                        return_dict=True)["input_ids"])
 
-    def split_chat(self, context: str, question: str) -> tuple[list[int], list[int]]:
+    def split_chat(self, context: str, question: str, sep: str = "\n\n") -> tuple[list[int], list[int]]:
         """Token ids of (everything up to the end of the context, the rest) for one user turn that reads
-        `context + "\\n\\n" + question`: the prefix can be compressed before the question is known."""
+        `context + sep + question`: the prefix can be compressed before the question is known."""
         marker = "\u2063LONGSERVE_SPLIT\u2063"
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{context}{marker}\n\n{question}"}], add_generation_prompt=True,
+                [{"role": "user", "content": f"{context}{marker}{sep}{question}"}], add_generation_prompt=True,
                 tokenize=False)
         else:
-            text = f"{context}{marker}\n\n{question}\n"
+            text = f"{context}{marker}{sep}{question}\n"
         head, tail = text.split(marker)
         has_bos_in_text = self.tokenizer.bos_token and head.startswith(self.tokenizer.bos_token)
         head_ids = self.tokenizer.encode(head, add_special_tokens=not has_bos_in_text)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longserve.errors import InvalidParameterError
-from longserve.eval.local import LocalTarget, compress_ids, policy_label
+from longserve.eval.local import LocalTarget, policy_label
 from longserve.eval.synthetic import make_suite
 from longserve.eval.target import EvalRequest, Target
 from longserve.llm import LLM
@@ -144,11 +144,11 @@ def test_mixed_batches_keep_request_order(llm):
     assert [r.extra["completion_tokens"] <= n for r, n in zip(results, (2, 3, 1), strict=True)] == [True] * 3
 
 
-def test_compress_ids_full_policy(llm):
+def test_compress_token_ids_full_policy(llm):
     ids = list(range(40, 140))
-    ctx = compress_ids(llm, ids, kv_policy="full")
+    ctx = llm.compress(ids, kv_policy="full")
     assert ctx.fill == ctx.n_context_tokens == 100
-    assert compress_ids(llm, ids, kv_policy="streaming", kv_budget=16).fill == 16
+    assert llm.compress(ids, kv_policy="streaming", kv_budget=16).fill == 16
 
 
 def test_runner_passes_raw_prompt_flag(tmp_path, fake_target):

@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict
 from typing import Any
 
-from longserve.context import CompressedContext
-from longserve.engine.engine import LLMEngine
-from longserve.engine.sampler import SamplingParams
 from longserve.errors import InvalidParameterError
 from longserve.eval.target import SETTINGS, EvalRequest, EvalResult
 from longserve.llm import LLM, Completion
-
-_MARKER = "\u2063LONGSERVE_EVAL_SPLIT\u2063"
 
 
 def policy_label(kv_policy: str = "full", kv_budget: int | None = None, kv_ratio: float | None = None) -> str:
@@ -37,32 +31,6 @@ def policy_label(kv_policy: str = "full", kv_budget: int | None = None, kv_ratio
     if kv_ratio is not None:
         return f"{kv_policy}@r{kv_ratio:g}"
     return kv_policy
-
-
-def compress_ids(llm: LLM, ids: list[int], **policy_args: Any) -> CompressedContext:
-    """`LLM.compress` for token ids, with a slot large enough for any policy.
-
-    `LLM.compress` sizes its slot with `policy.capacity(n, 0)` while the engine admits the request with
-    one new token (`capacity(n, 1)`), so it rejects "full" and other non-evicting policies by one slot;
-    once that is fixed this can simply call `llm.compress(ids, ...)`.
-    """
-    policy = llm.policy(**policy_args)
-    engine = LLMEngine(
-        llm.loaded,
-        1,
-        policy.capacity(len(ids), 1),
-        max_tokens=llm.context_window,
-        prefill_chunk=llm.prefill_chunk,
-        dtype=llm.dtype,
-    )
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), policy)
-    while seq.prefilled < seq.prompt_len:  # prefill only: no token is sampled, so the slot stays filled
-        step = engine.scheduler.schedule()
-        engine.runner.prefill(seq, step.n_tokens)
-    record = {"name": policy.name, **asdict(policy)}
-    ctx = CompressedContext.from_slot(engine.pool, seq.slot, llm.fingerprint, record, len(ids))
-    engine.abort(seq.request_id)
-    return ctx
 
 
 class LocalTarget:
@@ -130,28 +98,19 @@ class LocalTarget:
     def split_ids(self, request: EvalRequest) -> tuple[list[int], list[int]]:
         """Token ids of the prompt up to the end of the context, and of the rest of it (question, the
         turn's end and the generation prompt); their concatenation is the "query_aware" prompt."""
-        tok = self.llm.tokenizer
         if self._raw(request):
+            tok = self.llm.tokenizer
             return (
                 tok.encode(request.context, add_special_tokens=True),
                 tok.encode(request.question, add_special_tokens=False),
             )
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": request.context + _MARKER + request.question}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        head, tail = text.split(_MARKER)
-        bos_in_text = bool(tok.bos_token) and head.startswith(tok.bos_token)
-        return tok.encode(head, add_special_tokens=not bos_in_text), tok.encode(
-            tail, add_special_tokens=False
-        )
+        return self.llm.split_chat(request.context, request.question, sep="")
 
     # ---- query-agnostic --------------------------------------------------------------------------
     def _agnostic(self, request: EvalRequest) -> EvalResult:
         head, tail = self.split_ids(request)
         started = time.perf_counter()
-        ctx = compress_ids(self.llm, head, **self._policy_args())
+        ctx = self.llm.compress(head, **self._policy_args())
         compress_s = time.perf_counter() - started
         last = None
         for out in self.llm.stream(tail, max_new_tokens=request.max_new_tokens, temperature=0.0, prefix=ctx):
