@@ -97,3 +97,18 @@ def test_cli_prompt_longer_than_window(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "context window of 8192 tokens" in proc.stderr
+
+
+def test_incremental_detokenization_matches_whole_decode(llm):
+    """Emojis and CJK span several byte-level tokens; pieces must wait for whole characters."""
+    from longserve.engine.sampler import SamplingParams
+    from longserve.engine.sequence import Sequence
+    from longserve.kv.policies import FullPolicy
+
+    text = "Ünïcödé — naïve café 🚀🧠 東京 def f(x):\n    return x  # ok\n\n  spaces   and\ttabs"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    engine = llm._engine(1, 8)
+    seq = Sequence([0], SamplingParams(), FullPolicy())
+    pieces = [engine._detokenize(seq, ids[:k], flush=k == len(ids)) for k in range(1, len(ids) + 1)]
+    assert "".join(pieces) == llm.tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert not any("\ufffd" in p for p in pieces)

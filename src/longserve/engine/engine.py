@@ -107,14 +107,12 @@ class LLMEngine:
     def _advance(self, seq: Sequence, token: int) -> StepOutput:
         eos = token in self.loaded.eos_ids and not seq.params.ignore_eos
         ids = seq.output_ids[:-1] if eos else seq.output_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not eos:  # an incomplete UTF-8 character: wait for the rest
-            text = seq.text
+        text = seq.text + self._detokenize(seq, ids, flush=eos)
         reason = "stop" if eos else None
-        for stop in seq.params.stop:
-            cut = text.find(stop)
-            if cut != -1:
-                text, reason = text[:cut], "stop"
+        # only the tail can hold a new match: the text before it was searched in earlier steps
+        cuts = [i for stop in seq.params.stop if (i := text.find(stop, max(0, len(seq.text) - len(stop) + 1))) != -1]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
         if reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
             reason = "length"
         new_text, seq.text = text[len(seq.text):], text
@@ -122,6 +120,18 @@ class LLMEngine:
             seq.finish_reason = reason
             self._finish(seq)
         return StepOutput(seq, new_text, reason is not None)
+
+    def _detokenize(self, seq: Sequence, ids: list[int], flush: bool) -> str:
+        """The text the newest tokens add, decoding only the tokens since the last emitted piece (plus the
+        piece before, for the tokenizer's context: leading spaces, merges) instead of the whole output.
+        Text that ends in an incomplete UTF-8 character waits for the rest unless `flush`."""
+        start, read = seq.detok_offsets
+        before = self.tokenizer.decode(ids[start:read], skip_special_tokens=True)
+        text = self.tokenizer.decode(ids[start:], skip_special_tokens=True)
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not flush):
+            return ""
+        seq.detok_offsets = (read, len(ids))
+        return text[len(before):]
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished_at = time.perf_counter()

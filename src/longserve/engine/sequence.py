@@ -37,6 +37,7 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: str = ""  # detokenized output so far (stop strings are matched on it)
+    detok_offsets: tuple[int, int] = (0, 0)  # output ids: start of the last emitted piece, end of it
     # timings and memory, reported in the request stats
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
