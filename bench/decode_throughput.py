@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command, write_result
 
 from longserve import LLM
 from longserve.engine.sampler import SamplingParams
@@ -102,11 +102,9 @@ def main() -> None:
                     and r["batch"] == row["batch"])
         row["speedup_vs_full"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["kv_vs_full"] = row["kv_bytes_per_seq"] / base["kv_bytes_per_seq"]
-    commands.append(" ".join(["python", *sys.argv]))
+    commands.append(command())
     meta = {"commands": commands, "model": args.model, "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Decode throughput: {args.model}", "", "Commands (rows of every command, same machine, "
              f"{meta['torch_threads']} torch threads, {meta['date']}):", "",
              *[f"    {c}" for c in commands], "",
@@ -115,8 +113,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['context']} | {r['policy']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
                      f"{r['speedup_vs_full']:.2f} | {r['kv_bytes_per_seq'] / 2**20:.1f} | {r['kv_vs_full']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(out, {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command, fmt, machine, write_result
 
 from longserve.distill.data import GENERAL_PROMPTS
 from longserve.distill.pipeline import run_distill
@@ -112,21 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                          eval_max_new_tokens=args.eval_max_new_tokens, eval_k=args.k,
                          general_prompts=list(GENERAL_PROMPTS[: args.general]), register=not args.no_register,
                          resume=args.resume)
-    report.update({
-        "command": ".venv/bin/python " + shlex.join(["bench/distill_bench.py", *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "load_s": load_s, "total_s": time.perf_counter() - start, "max_new_tokens": args.max_new_tokens,
-    })
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    report.update({"command": command(argv), "machine": machine(), "load_s": load_s,
+                   "total_s": time.perf_counter() - start, "max_new_tokens": args.max_new_tokens})
+    write_result(args.out, report, markdown(report))
     return 0
-
-
-def _f(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def markdown(r: dict) -> str:
@@ -143,7 +130,7 @@ def markdown(r: dict) -> str:
         f"{made}. "
         f"Training: {t['steps']} steps ({t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']:g}, "
         f"{t['trainable_params']:,} trainable parameters) in {t['seconds']:.0f} s; "
-        f"loss {_f(t['first_loss'], '.3f')} -> {_f(t['last_loss'], '.3f')}.", "",
+        f"loss {fmt(t['first_loss'], '.3f')} -> {fmt(t['last_loss'], '.3f')}.", "",
     ]
     before, after = r.get("before", {}), r.get("after", {})
     key = "train_kl" if r["mode"] == "whitebox" else "train_ce"
@@ -152,10 +139,10 @@ def markdown(r: dict) -> str:
     for split, label in (("domain_held_out", "held-out domain"), ("general", "general")):
         b, a = before.get(split), after.get(split)
         if b and a:
-            lines.append(f"| {label} | {b['prompts']} | {_f(b['acceptance_rate'], '.1%')} | "
-                         f"{_f(a['acceptance_rate'], '.1%')} | {_f(b['mean_accepted_length'], '.2f')} | "
-                         f"{_f(a['mean_accepted_length'], '.2f')} |")
-    lines += ["", f"{key} on the training prompts: {_f(before.get(key), '.4f')} -> {_f(after.get(key), '.4f')}. "
+            lines.append(f"| {label} | {b['prompts']} | {fmt(b['acceptance_rate'], '.1%')} | "
+                         f"{fmt(a['acceptance_rate'], '.1%')} | {fmt(b['mean_accepted_length'], '.2f')} | "
+                         f"{fmt(a['mean_accepted_length'], '.2f')} |")
+    lines += ["", f"{key} on the training prompts: {fmt(before.get(key), '.4f')} -> {fmt(after.get(key), '.4f')}. "
               f"Acceptance: greedy speculative decoding, fixed k, up to the eval token budget per prompt.", ""]
     if r.get("model_dir"):
         lines += [f"Saved as `{r['name']}` in `{r['model_dir']}`: "

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command, write_result
 from tqdm import tqdm
 
 from longserve import LLM
@@ -187,7 +187,7 @@ def main() -> None:
                         sink.flush()
                         bar.update()
     bar.close()
-    report(out, jsonl, budgets, " ".join(["python", *sys.argv]), args.model)
+    report(out, jsonl, budgets, command(), args.model)
 
 
 def report(out: Path, jsonl: Path, budgets: list[int], command: str, model: str) -> None:
@@ -211,7 +211,6 @@ def report(out: Path, jsonl: Path, budgets: list[int], command: str, model: str)
                         "kv_mib": sum(r["kv_bytes"] for r in rs) / len(rs) / 2**20,
                         "prompt_tokens": sum(r["prompt_tokens"] for r in rs) / len(rs)})
     meta = {"command": command, "model": model, "date": time.strftime("%Y-%m-%d %H:%M")}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))
     lines = [f"# KV policy accuracy vs budget: pass-key retrieval, {model}", "", f"Command: `{command}` "
              f"({meta['date']}). Accuracy = key found in a greedy answer; n samples per cell, needle depths "
              "spread evenly over the context.", ""]
@@ -230,7 +229,7 @@ def report(out: Path, jsonl: Path, budgets: list[int], command: str, model: str)
                 lines.append(f"| {policy} | " + " | ".join(
                     f"{v['accuracy']:.0%} ({v['kv_mib']:.1f} MiB)" if v else "-" for v in vals) + " |")
             lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_result(out, {"meta": meta, "summary": summary}, "\n".join(lines))
     panels = sorted({(s["length"], s["setting"]) for s in summary})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (length, setting) in zip(axes[0], panels, strict=True):
@@ -249,7 +248,6 @@ def report(out: Path, jsonl: Path, budgets: list[int], command: str, model: str)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
+from common import command, write_result
 
 from longserve.proxy.llamacpp import LlamaCppServer, gguf_path
 
@@ -81,18 +80,14 @@ def main() -> None:
                 row = {"context": length, **run(srv.url, text, batch, args.n_predict)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"command": " ".join(["python", *sys.argv]), "gguf": gguf.name, "threads": args.threads,
+    meta = {"command": command(), "gguf": gguf.name, "threads": args.threads,
             "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# llama.cpp decode reference ({gguf.name}, {args.threads} threads)", "",
              f"Command: `{meta['command']}` ({meta['date']})", "",
              "| context | batch | decode tok/s (aggregate) | per sequence | prefill tok/s |", "|---|---|---|---|---|"]
     lines += [f"| {r['context']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['per_sequence_tok_s']:.1f} | "
               f"{r['prefill_tok_s']:.0f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,19 +16,17 @@ Smoke test:              .venv/bin/python bench/serve_throughput.py --clients 1,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
-from pathlib import Path
 
 import openai
 import torch
+from common import command, write_result
 
 from longserve.kv.cache import KVPool
 from longserve.llm import LLM
@@ -219,18 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_requests:
         throughput.append(hf_baseline(llm, prompts[: args.hf_requests], args.max_tokens))
     result = {
-        "command": shlex.join(sys.orig_argv), "model": args.model, "prompt_tokens": args.prompt_tokens,
+        "command": command(), "model": args.model, "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), {args.dtype}",
         "throughput": throughput,
         "capacity": capacity(llm, specs, args.capacity_len, args.capacity_memory),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_result(args.out, result, markdown(result))
     return 0
 
 

@@ -13,14 +13,11 @@ Smoke test:              .venv/bin/python bench/specdecode_bench.py --prompts 1 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import command, fmt, machine, write_result
 
 from longserve.llm import LLM
 from longserve.spec import SpeculativeDecoder
@@ -117,22 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                         "same_prefix_fraction": r["same_prefix"] / r["compared"] if r["compared"] else None})
         results.append(row)
     report = {
-        "command": ".venv/bin/python " + shlex.join(["bench/specdecode_bench.py", *(argv or sys.argv[1:])]),
+        "command": command(argv),
         "target": args.target, "draft": args.draft, "prompts": len(chats), "max_new_tokens": args.max_new_tokens,
         "adaptive": args.adaptive, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "load_s": load_s, "results": results,
+        "machine": machine(), "load_s": load_s, "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_result(args.out, report, markdown(report))
     return 0
-
-
-def _f(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
 
 
 def markdown(report: dict) -> str:
@@ -147,10 +135,10 @@ def markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['run']} | {_f(r['decode_tokens_per_s'], '.2f')} | {_f(r['speedup'], '.2f')}x | "
-                     f"{_f(r.get('acceptance_rate'), '.1%')} | {_f(r.get('mean_accepted_length'), '.2f')} | "
-                     f"{_f(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} | "
-                     f"{_f(r.get('same_prefix_fraction'), '.1%')} |")
+        lines.append(f"| {r['run']} | {fmt(r['decode_tokens_per_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
+                     f"{fmt(r.get('acceptance_rate'), '.1%')} | {fmt(r.get('mean_accepted_length'), '.2f')} | "
+                     f"{fmt(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} | "
+                     f"{fmt(r.get('same_prefix_fraction'), '.1%')} |")
     lines += ["", "Decode tok/s counts the tokens after the first over the time after the first token (prefill "
               "excluded: for speculative runs both the draft and the target prefill). Identical output: token-for-token equal to "
               "target-only greedy decoding of the same prompt; tokens before first difference: the share of target-only "

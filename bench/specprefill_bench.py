@@ -18,15 +18,12 @@ Smoke test:  .venv/bin/python bench/specprefill_bench.py --target qwen2.5-coder-
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import command, machine, write_result
 
 from longserve.eval.runner import score_sample
 from longserve.eval.synthetic import make_suite
@@ -69,11 +66,6 @@ class ScoreOnce(SpeculativePrefill):
         imp = super().score(ids, config)
         self.cache[key] = (imp, time.perf_counter() - t0)
         return imp
-
-
-def machine() -> str:
-    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"python {platform.python_version()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,16 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                              "accuracy": acc, "rel_accuracy": acc / full_acc if full_acc else None,
                              "agree": statistics.mean(r["agree"] for r in sel), "n": len(sel)})
 
-    command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     same = {d: same_tokenizer(target.tokenizer, sp.draft.tokenizer) for d, sp in sps.items()}
-    result = {"command": command, "target": args.target, "drafts": drafts, "same_tokenizer": same,
+    result = {"command": command(argv), "target": args.target, "drafts": drafts, "same_tokenizer": same,
               "lengths": lengths, "keeps": keeps, "tasks": args.tasks.split(","), "samples_per_task": args.samples,
               "machine": machine(), "load_s": load_s, "summary": rows, "records": records}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
-        "# Speculative prefill vs full prefill", "", f"Command: `{command}`", "",
+        "# Speculative prefill vs full prefill", "", f"Command: `{result['command']}`", "",
         f"Target `{args.target}`; tasks {args.tasks}; {args.samples} sample(s) per task and length; {machine()}.",
         "TTFT includes the draft's scoring; ratio = kept / original prompt tokens (target tokens).", "",
         "| length | draft | path | keep | kept ratio | TTFT (s) | TTFT vs full | draft scoring (s) | accuracy "
@@ -168,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['length']} | {r['draft']} | {r['path']} | {r['keep']:g} | {r['ratio']:.3f} | "
                      f"{r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | {r['score_s']:.2f} | {r['accuracy']:.2f} | "
                      f"{rel} | {r['agree']:.2f} | {r['n']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, result, "\n".join(lines))
     return 0
 
 
