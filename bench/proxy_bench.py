@@ -45,9 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", default="1024,4096", help="comma-separated prompt lengths (upstream tokens)")
     p.add_argument("--samples", type=int, default=3, help="samples per task and length")
     p.add_argument("--tasks", default="niah_single_1,niah_multikey")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="answer length cap (each task's own length when shorter)")
     p.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the draft")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the draft's weights")
     p.add_argument("--out", default="bench/results/proxy_bench", help="output path without extension")
     return p.parse_args(argv)
 
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
-    draft = LLM(args.draft, progress=False)
+    draft = LLM(args.draft, dtype=args.dtype, progress=False)
     tok = draft.tokenizer if args.gguf else load_tokenizer(args.upstream_model)
 
     def count(text: str) -> int:
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = sample.context + sample.question
                 order = [("direct", llama.url), ("proxy", proxy_url + "/v1")]
                 for route, url in order if i % 2 == 0 else order[::-1]:
-                    res = stream_ttft(url, prompt, args.max_tokens)
-                    score = score_sample(sample, res.pop("text"))
+                    res = stream_ttft(url, prompt, min(args.max_tokens, sample.max_new_tokens))
+                    score = score_sample(sample, res["text"])
                     records.append({"sample": sample.id, "length": sample.target_tokens, "route": route,
                                     "score": score, **res})
                     print(f"[{i + 1}/{len(samples)}] {sample.id} {route}: TTFT {res['ttft_s']:.2f} s, "
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                          "accuracy": statistics.mean(r["score"] for r in sel)})
     command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     info = (f"{platform.machine()}, llama.cpp {args.llama_threads} thread(s) (xllamacpp), draft on "
-            f"{args.threads} torch thread(s), torch {torch.__version__}")
+            f"{args.threads} torch thread(s) in {args.dtype}, torch {torch.__version__}")
     result = {"command": command, "gguf": str(gguf), "draft": args.draft, "keep": args.keep, "lengths": lengths,
               "tasks": args.tasks.split(","), "samples_per_task": args.samples, "machine": info,
               "llama_startup_s": startup_s, "summary": rows, "records": records}

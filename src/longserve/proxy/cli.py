@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--delimiter", default=" [...] ", help="what replaces each dropped gap")
     p.add_argument("--timeout", type=float, default=600.0, help="upstream timeout (s)")
     p.add_argument("--threads", type=int, help="torch threads for the draft")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the draft's weights (bfloat16 scores 2-3x faster on CPUs with AVX512-BF16)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_proxy)
 
@@ -63,7 +65,7 @@ def cmd_proxy(args) -> int:
     if api_key is None and args.host not in _LOOPBACK:
         print(f"warning: proxying on {args.host} without an API key; anyone who can reach it can use the upstream",
               file=sys.stderr)
-    draft = LLM(args.draft)
+    draft = LLM(args.draft, dtype=args.dtype)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     app = create_proxy_app(config, SpeculativePrefill(draft, sp_config), target_tokenizer=tokenizer)
     print(f"proxy at http://{args.host}:{args.port}/v1 -> {config.upstream} | draft '{args.draft}', keep "
