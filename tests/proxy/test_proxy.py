@@ -168,6 +168,9 @@ def test_cli_registration_and_config_validation():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["proxy", "--upstream", "http://127.0.0.1:8080/v1", "--keep", "0.1", "--roles", "user"])
     assert args.func is cmd_proxy and args.keep == 0.1 and args.min_tokens == 1024 and args.port == 8001
+    # the flag names of `longserve generate`/`serve` work too
+    args = parser.parse_args(["proxy", "--upstream", "http://h:1/v1", "--prefill-draft", "d", "--prefill-keep", "0.2"])
+    assert (args.draft, args.keep, args.dtype) == ("d", 0.2, "float32")
     gen = argparse.ArgumentParser()
     add_args(gen)
     args = gen.parse_args(["--keep", "0.5"])

@@ -15,8 +15,11 @@ def register(sub) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "proxy", help="OpenAI-compatible proxy that prunes long prompts (speculative prefill) for any upstream")
     p.add_argument("--upstream", required=True, help="upstream base URL, e.g. http://127.0.0.1:8080/v1")
-    p.add_argument("--draft", default=DEFAULT_MODEL, help="draft model scoring the prompt (zoo name, HF dir, .gguf)")
-    p.add_argument("--keep", type=float, default=0.25, help="fraction of the long messages' tokens kept, in (0, 1]")
+    # `--prefill-draft`/`--prefill-keep` as in `longserve generate` and `serve`; the proxy has no other draft
+    p.add_argument("--draft", "--prefill-draft", dest="draft", default=DEFAULT_MODEL,
+                   help="draft model scoring the prompt (zoo name, HF dir, .gguf)")
+    p.add_argument("--keep", "--prefill-keep", dest="keep", type=float, default=0.25,
+                   help="fraction of the long messages' tokens kept, in (0, 1]")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--min-tokens", type=int, default=1024, help="messages shorter than this are never compressed")
