@@ -1,9 +1,11 @@
 """Full-cache baselines of zoo models on the synthetic suite: what each model can and cannot do.
 
-Each plan entry `MODEL:LENGTHS:SAMPLES` runs `longserve eval --model MODEL --lengths LENGTHS --samples
-SAMPLES --policy full` into `OUT/MODEL/` (resumable: rerunning continues where it stopped); afterwards all
-models are merged into one report in `OUT/` with the model name as the target label, and a capability
-table (best score per task, which tasks are meaningful) is printed and written to `OUT/capabilities.md`.
+Each plan entry `MODEL:LENGTHS:SAMPLES[:TASK+TASK...]` runs `longserve eval --model MODEL --lengths LENGTHS
+--samples SAMPLES --policy full` over `--tasks` (or the entry's own tasks, into a subdirectory named after
+them, e.g. `OUT/MODEL/code_debug/`) into `OUT/MODEL/` (resumable: rerunning continues where it stopped);
+afterwards every run under `OUT` is merged into one report in `OUT/` with the model name as the target
+label, and a capability table (best score per task, which tasks are meaningful) is printed and written to
+`OUT/capabilities.md`.
 
     nice -n 5 .venv/bin/python bench/eval_baselines.py                       # the full plan (hours on CPU)
     nice -n 5 .venv/bin/python bench/eval_baselines.py --plan smollm2-135m-instruct:1024,2048:5 \\
@@ -27,14 +29,16 @@ FULL_PLAN = [
     "qwen2.5-coder-0.5b-instruct:1024,2048,4096,8192:20",
     "qwen2.5-coder-1.5b-instruct:1024,2048,4096,8192:20",
 ]
-TASKS = "niah_single_1,niah_multikey,niah_multivalue,vt,cwe,fwe,passkey"
+TASKS = "niah_single_1,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe,passkey"
 MEANINGFUL = 20.0  # a task is "meaningful" for a model if its full-cache score reaches this somewhere
 
 
 def run_plan(entry: str, args: argparse.Namespace, out: Path) -> dict:
-    model, lengths, samples = entry.split(":")
-    argv = ["eval", "--model", model, "--lengths", lengths, "--samples", samples, "--tasks", args.tasks,
-            "--policy", "full", "--setting", "query_aware", "--out", str(out / model),
+    model, lengths, samples, *own = entry.split(":")
+    tasks = own[0].replace("+", ",") if own else args.tasks
+    run_dir = out / model / own[0].replace("+", "_") if own else out / model
+    argv = ["eval", "--model", model, "--lengths", lengths, "--samples", samples, "--tasks", tasks,
+            "--policy", "full", "--setting", "query_aware", "--out", str(run_dir),
             "--batch-size", str(args.batch_size), "--seed", str(args.seed)]  # fmt: skip
     if args.threads:
         argv += ["--threads", str(args.threads)]
@@ -42,20 +46,38 @@ def run_plan(entry: str, args: argparse.Namespace, out: Path) -> dict:
         argv += ["--answer-cap", str(args.answer_cap)]
     if args.dtype:
         argv += ["--dtype", args.dtype]
-    print(f"== {model} lengths={lengths} samples={samples}", file=sys.stderr, flush=True)
+    print(f"== {model} lengths={lengths} samples={samples} tasks={tasks}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     rc = eval_main(argv)
     if rc:
         raise SystemExit(rc)
-    return {"model": model, "lengths": lengths, "samples": int(samples), "wall_s": time.perf_counter() - started,
-            "argv": ["longserve", *argv]}  # fmt: skip
+    return {"model": model, "lengths": lengths, "samples": int(samples), "tasks": tasks,
+            "wall_s": time.perf_counter() - started, "argv": ["longserve", *argv]}  # fmt: skip
 
 
-def merge(out: Path, models: list[str]) -> list[dict]:
-    """All models' predictions in one report, labelled by model."""
+def run_key(run: dict) -> str:
+    return f"{run['model']}:{run['lengths']}:{run.get('tasks', TASKS)}"
+
+
+def load_runs(path: Path) -> dict[str, dict]:
+    """Finished plan entries by "MODEL:LENGTHS:TASKS" (the latest run of each)."""
+    runs = json.loads(path.read_text()) if path.exists() else []
+    return {run_key(r): r for r in runs}
+
+
+def record_run(path: Path, run: dict) -> None:
+    """Add `run` to `path`, re-reading it first: two plans may run side by side into the same --out."""
+    runs = load_runs(path)
+    runs[run_key(run)] = run
+    path.write_text(json.dumps(list(runs.values()), indent=2) + "\n", encoding="utf-8")
+
+
+def merge(out: Path) -> list[dict]:
+    """All predictions under `out` (OUT/MODEL/... per run) in one report, labelled by model."""
     records = []
-    for model in models:
-        for r in load_predictions(out / model / PREDICTIONS):
+    for path in sorted(out.glob(f"*/**/{PREDICTIONS}")):
+        model = path.relative_to(out).parts[0]
+        for r in load_predictions(path):
             records.append({**r, "target": model, "policy": model, "budget": None})
     write_reports(out, records)
     return records
@@ -90,7 +112,8 @@ def capabilities(records: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--plan", action="append", help="MODEL:LENGTHS:SAMPLES (repeatable; default: the full plan)"
+        "--plan", action="append",
+        help="MODEL:LENGTHS:SAMPLES[:TASK+TASK] (repeatable; default: the full plan)"
     )
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--out", default="bench/results/eval_baselines")
@@ -102,28 +125,23 @@ def main() -> int:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="weights' dtype (bfloat16 prefills 2.5-3.5x faster on CPUs with AVX512-BF16)")
-    p.add_argument("--report-only", action="store_true", help="only merge what the plan's runs have so far")
+    p.add_argument("--report-only", action="store_true", help="only merge what the runs under --out have so far")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = args.plan or FULL_PLAN
     runs_path = out / "runs.json"
-    runs = (
-        {r["model"] + ":" + r["lengths"]: r for r in json.loads(runs_path.read_text())}
-        if runs_path.exists()
-        else {}
-    )
     for entry in plan:
         if not args.report_only:
             run = run_plan(entry, args, out)
-            runs[run["model"] + ":" + run["lengths"]] = run
-            runs_path.write_text(json.dumps(list(runs.values()), indent=2) + "\n", encoding="utf-8")
-    records = merge(out, list(dict.fromkeys(entry.split(":")[0] for entry in plan)))
+            record_run(runs_path, run)
+    runs = load_runs(runs_path)
+    records = merge(out)
     table = capabilities(records)
     (out / "capabilities.md").write_text(table, encoding="utf-8")
     print(table)
     for r in runs.values():
-        print(f"{r['model']} {r['lengths']}: {r['wall_s'] / 60:.1f} min", file=sys.stderr)
+        print(f"{r['model']} {r['lengths']} {r.get('tasks', TASKS)}: {r['wall_s'] / 60:.1f} min", file=sys.stderr)
     return 0
 
 
