@@ -4,8 +4,8 @@ Each plan entry `MODEL:LENGTHS:SAMPLES[:TASK+TASK...]` runs `longserve eval --mo
 --samples SAMPLES --policy full` over `--tasks` (or the entry's own tasks, into a subdirectory named after
 them, e.g. `OUT/MODEL/code_debug/`) into `OUT/MODEL/` (resumable: rerunning continues where it stopped);
 afterwards every run under `OUT` is merged into one report in `OUT/` with the model name as the target
-label, and a capability table (best score per task, which tasks are meaningful) is printed and written to
-`OUT/capabilities.md`.
+label (a task of an entry's own replaces the same task of the model's main run), and a capability table
+(best score per task, which tasks are meaningful) is printed and written to `OUT/capabilities.md`.
 
     nice -n 5 .venv/bin/python bench/eval_baselines.py                       # the full plan (hours on CPU)
     nice -n 5 .venv/bin/python bench/eval_baselines.py --plan smollm2-135m-instruct:1024,2048:5 \\
@@ -73,12 +73,17 @@ def record_run(path: Path, run: dict) -> None:
 
 
 def merge(out: Path) -> list[dict]:
-    """All predictions under `out` (OUT/MODEL/... per run) in one report, labelled by model."""
-    records = []
-    for path in sorted(out.glob(f"*/**/{PREDICTIONS}")):
+    """All predictions under `out` in one report, labelled by model. A task run on its own
+    (OUT/MODEL/TASKS/, e.g. again at a longer answer length) replaces that task of the model's main run
+    (OUT/MODEL/), whose predictions stay on disk."""
+    runs: dict[tuple[str, bool], list[dict]] = defaultdict(list)
+    for path in out.glob(f"*/**/{PREDICTIONS}"):
         model = path.relative_to(out).parts[0]
-        for r in load_predictions(path):
-            records.append({**r, "target": model, "policy": model, "budget": None})
+        runs[model, path.parent != out / model] += load_predictions(path)
+    records = []
+    for (model, own_tasks), preds in sorted(runs.items()):
+        replaced = set() if own_tasks else {r["task"] for r in runs.get((model, True), [])}
+        records += [{**r, "target": model, "policy": model, "budget": None} for r in preds if r["task"] not in replaced]
     write_reports(out, records)
     return records
 
