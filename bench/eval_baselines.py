@@ -124,7 +124,21 @@ def capabilities(records: list[dict]) -> str:
             cells = ", ".join(f"{ln}: {means[ln]:.0f} (n={len(by_length[ln])})" for ln in sorted(means))
             ok = max(means.values()) >= MEANINGFUL_BY_TASK.get(task, MEANINGFUL)
             lines.append(f"| {model} | {task} | {cells} | {'**yes**' if ok else 'no'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *latency_table(records)]) + "\n"
+
+
+def latency_table(records: list[dict]) -> list[str]:
+    """Mean TTFT, decode speed and peak KV per model and prompt length (all tasks together)."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["target"], int(r["length"])].append(r)
+    lines = ["| model | length | n | prompt tokens | TTFT (s) | decode tok/s | peak KV (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for (model, length), rs in sorted(groups.items()):
+        tokens, ttft, speed, kv = (sum(r[k] or 0 for r in rs) / len(rs)
+                                   for k in ("prompt_tokens", "ttft_s", "decode_tok_s", "kv_bytes"))
+        lines.append(f"| {model} | {length} | {len(rs)} | {tokens:.0f} | {ttft:.1f} | {speed:.1f} | {kv / 2**20:.1f} |")
+    return lines
 
 
 def main() -> int:
