@@ -1,15 +1,17 @@
 """Full-cache baselines of zoo models on the synthetic suite: what each model can and cannot do.
 
-Each plan entry `MODEL:LENGTHS:SAMPLES[:TASK+TASK...]` runs `longserve eval --model MODEL --lengths LENGTHS
---samples SAMPLES --policy full` over `--tasks` (or the entry's own tasks, into a subdirectory named after
-them, e.g. `OUT/MODEL/code_debug/`) into `OUT/MODEL/` (resumable: rerunning continues where it stopped);
-afterwards every run under `OUT` is merged into one report in `OUT/` with the model name as the target
-label (a task of an entry's own replaces the same task of the model's main run), and a capability table
-(best score per task, which tasks are meaningful) is printed and written to `OUT/capabilities.md`.
+Each plan entry `MODEL:LENGTHS:SAMPLES` runs `longserve eval --model MODEL --lengths LENGTHS --samples
+SAMPLES --tasks TASKS --policy full` into `OUT/MODEL/` (resumable: rerunning continues where it stopped).
+An entry `MODEL:LENGTHS:SAMPLES:TASK+TASK` runs those tasks instead, into `OUT/MODEL/TASK_TASK/`, and in
+the merged report they replace the same tasks of the model's main run (e.g. a rerun at a longer answer
+length). Afterwards every run under `OUT` is merged into one report in `OUT/` with the model name as the
+target label, and `OUT/capabilities.md` gets a task x model/length table, a verdict per model and task
+(meaningful or not) and a latency/KV table.
 
     nice -n 5 .venv/bin/python bench/eval_baselines.py                       # the full plan (hours on CPU)
     nice -n 5 .venv/bin/python bench/eval_baselines.py --plan smollm2-135m-instruct:1024,2048:5 \\
-        --plan qwen2.5-coder-0.5b-instruct:1024:3 --threads 1                # the small committed run
+        --plan qwen2.5-coder-0.5b-instruct:1024:3:code_debug --threads 1 --dtype bfloat16
+    # the committed run: bench/results/eval_baselines.md lists its commands
 """
 
 from __future__ import annotations

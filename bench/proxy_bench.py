@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from common import command, write_result
 
 from longserve.eval.runner import score_sample
 from longserve.eval.synthetic import make_suite
@@ -120,17 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                          "ttft_ratio": ttft / direct_ttft,
                          "upstream_prompt_tokens": statistics.mean(r["upstream_prompt_tokens"] or 0 for r in sel),
                          "accuracy": statistics.mean(r["score"] for r in sel)})
-    command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     info = (f"{platform.machine()}, llama.cpp {args.llama_threads} thread(s) (xllamacpp), draft on "
             f"{args.threads} torch thread(s) in {args.dtype}, torch {torch.__version__}")
-    result = {"command": command, "gguf": str(gguf), "draft": args.draft, "keep": args.keep, "lengths": lengths,
+    result = {"command": command(argv), "gguf": str(gguf), "draft": args.draft, "keep": args.keep, "lengths": lengths,
               "tasks": args.tasks.split(","), "samples_per_task": args.samples, "machine": info,
               "llama_startup_s": startup_s, "summary": rows, "records": records}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [
-        "# Compressing proxy in front of llama.cpp's server", "", f"Command: `{command}`", "",
+        "# Compressing proxy in front of llama.cpp's server", "", f"Command: `{result['command']}`", "",
         f"Upstream: llama.cpp server (xllamacpp) serving `{gguf.name}`, prompt cache off; proxy draft "
         f"`{args.draft}`, keep {args.keep:g}; {info}. TTFT = client time to the first streamed token "
         "(through the proxy: draft scoring + upstream prefill of the kept text).", "",
@@ -140,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['length']} | {r['route']} | {r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | "
                      f"{r['upstream_prompt_tokens']:.0f} | {r['accuracy']:.2f} | {r['n']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, result, "\n".join(lines))
     return 0
 
 
