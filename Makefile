@@ -17,8 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/longserve demo
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+test: lint
 	$(BIN)/pytest -q
 
 unit: $(STAMP)

@@ -19,8 +19,10 @@ def command(argv: list[str] | None = None) -> str:
 
 
 def machine() -> str:
-    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"python {platform.python_version()}")
+    return (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"python {platform.python_version()}"
+    )
 
 
 def fmt(x: float | None, spec: str) -> str:

@@ -77,8 +77,9 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add rows to an existing --out JSON (same machine)")
     args = ap.parse_args()
     llm = LLM(args.model, progress=False)
-    filler = llm.tokenizer.encode("The grass is green. The sky is blue. The sun is yellow. " * 2000,
-                                  add_special_tokens=False)
+    filler = llm.tokenizer.encode(
+        "The grass is green. The sky is blue. The sun is yellow. " * 2000, add_special_tokens=False
+    )
     out = Path(args.out)
     previous = json.loads(out.with_suffix(".json").read_text()) if args.append else {"rows": [], "meta": {}}
     rows = previous["rows"]
@@ -90,29 +91,52 @@ def main() -> None:
             engine, seqs, prefill_s = prepare(llm, ids, spec, batches[-1], args.steps * 2)
             for batch in batches:  # smaller batches decode the first slots of the same pool
                 tok_s = measure(engine, seqs[:batch], args.steps)
-                row = {"context": len(ids), "policy": spec, "batch": batch, "steps": args.steps,
-                       "decode_tok_s": tok_s, "step_ms": 1000 * batch / tok_s, "prefill_s": prefill_s,
-                       "kv_bytes_per_seq": engine.pool.slot_nbytes(),
-                       "kv_bytes_total": engine.pool.slot_nbytes() * batch}
+                row = {
+                    "context": len(ids),
+                    "policy": spec,
+                    "batch": batch,
+                    "steps": args.steps,
+                    "decode_tok_s": tok_s,
+                    "step_ms": 1000 * batch / tok_s,
+                    "prefill_s": prefill_s,
+                    "kv_bytes_per_seq": engine.pool.slot_nbytes(),
+                    "kv_bytes_total": engine.pool.slot_nbytes() * batch,
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del engine, seqs
     for row in rows:  # ratio to full at the same context and batch, measured in this run
-        base = next(r for r in rows if r["policy"] == "full" and r["context"] == row["context"]
-                    and r["batch"] == row["batch"])
+        base = next(
+            r
+            for r in rows
+            if r["policy"] == "full" and r["context"] == row["context"] and r["batch"] == row["batch"]
+        )
         row["speedup_vs_full"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["kv_vs_full"] = row["kv_bytes_per_seq"] / base["kv_bytes_per_seq"]
     commands.append(command())
-    meta = {"commands": commands, "model": args.model, "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    lines = [f"# Decode throughput: {args.model}", "", "Commands (rows of every command, same machine, "
-             f"{meta['torch_threads']} torch threads, {meta['date']}):", "",
-             *[f"    {c}" for c in commands], "",
-             "| context | policy | batch | decode tok/s (aggregate) | x full | KV MiB/seq | KV vs full |",
-             "|---|---|---|---|---|---|---|"]
+    meta = {
+        "commands": commands,
+        "model": args.model,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    lines = [
+        f"# Decode throughput: {args.model}",
+        "",
+        "Commands (rows of every command, same machine, "
+        f"{meta['torch_threads']} torch threads, {meta['date']}):",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        "| context | policy | batch | decode tok/s (aggregate) | x full | KV MiB/seq | KV vs full |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['policy']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
-                     f"{r['speedup_vs_full']:.2f} | {r['kv_bytes_per_seq'] / 2**20:.1f} | {r['kv_vs_full']:.3f} |")
+        lines.append(
+            f"| {r['context']} | {r['policy']} | {r['batch']} | {r['decode_tok_s']:.1f} | "
+            f"{r['speedup_vs_full']:.2f} | {r['kv_bytes_per_seq'] / 2**20:.1f} | {r['kv_vs_full']:.3f} |"
+        )
     write_result(out, {"meta": meta, "rows": rows}, "\n".join(lines))
 
 

@@ -68,7 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--name", default="qwen2.5-coder-0.5b-pandas-draft", help="zoo name of the distilled draft")
+    p.add_argument(
+        "--name", default="qwen2.5-coder-0.5b-pandas-draft", help="zoo name of the distilled draft"
+    )
     p.add_argument("--train-prompts", type=int, default=36)
     p.add_argument("--held-out", type=int, default=12)
     p.add_argument("--general", type=int, default=8, help=f"general prompts (at most {len(GENERAL_PROMPTS)})")
@@ -101,52 +103,94 @@ def main(argv: list[str] | None = None) -> int:
     target = LLM(args.target, progress=False)
     draft = LLM(args.draft, progress=False)
     load_s = time.perf_counter() - t0
-    config = TrainConfig(mode=args.mode, lora=not args.full, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                         lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, checkpoint_every=0)
+    config = TrainConfig(
+        mode=args.mode,
+        lora=not args.full,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        checkpoint_every=0,
+    )
     workdir = Path(args.workdir) if args.workdir else home() / "distill" / args.name
     start = time.perf_counter()
-    report = run_distill(target, draft, args.name, workdir, prompts=prompts[:n], held_out=args.held_out,
-                         max_new_tokens=args.max_new_tokens, config=config,
-                         eval_max_new_tokens=args.eval_max_new_tokens, eval_k=args.k,
-                         general_prompts=list(GENERAL_PROMPTS[: args.general]), register=not args.no_register,
-                         resume=args.resume)
-    report.update({"command": command(argv), "machine": machine(), "load_s": load_s,
-                   "total_s": time.perf_counter() - start, "max_new_tokens": args.max_new_tokens})
+    report = run_distill(
+        target,
+        draft,
+        args.name,
+        workdir,
+        prompts=prompts[:n],
+        held_out=args.held_out,
+        max_new_tokens=args.max_new_tokens,
+        config=config,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+        eval_k=args.k,
+        general_prompts=list(GENERAL_PROMPTS[: args.general]),
+        register=not args.no_register,
+        resume=args.resume,
+    )
+    report.update(
+        {
+            "command": command(argv),
+            "machine": machine(),
+            "load_s": load_s,
+            "total_s": time.perf_counter() - start,
+            "max_new_tokens": args.max_new_tokens,
+        }
+    )
     write_result(args.out, report, markdown(report))
     return 0
 
 
 def markdown(r: dict) -> str:
     d, t = r["data"], r["train"]
-    made = "reused from an earlier run" if d.get("teacher_reused") else f"made in {d['teacher_seconds']:.0f} s"
+    made = (
+        "reused from an earlier run" if d.get("teacher_reused") else f"made in {d['teacher_seconds']:.0f} s"
+    )
     lines = [
-        "# Distilling a domain draft (pandas code)", "",
-        f"Command: `{r['command']}`", "",
+        "# Distilling a domain draft (pandas code)",
+        "",
+        f"Command: `{r['command']}`",
+        "",
         f"Target `{r['target']}`, draft `{r['draft']}` -> `{r['name']}`, {r['mode']} "
-        f"{'LoRA' if r['lora'] else 'full fine-tune'}, {r['machine']}.", "",
+        f"{'LoRA' if r['lora'] else 'full fine-tune'}, {r['machine']}.",
+        "",
         f"Data: {d['train_prompts']} training prompts, {d['answer_tokens']} target answer tokens "
         f"(up to {r['max_new_tokens']} per prompt, greedy), top-{d['top_k_logits']} log-probs, "
         f"{d['teacher_file_bytes'] / 1e6:.2f} MB teacher file, "
         f"{made}. "
         f"Training: {t['steps']} steps ({t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']:g}, "
         f"{t['trainable_params']:,} trainable parameters) in {t['seconds']:.0f} s; "
-        f"loss {fmt(t['first_loss'], '.3f')} -> {fmt(t['last_loss'], '.3f')}.", "",
+        f"loss {fmt(t['first_loss'], '.3f')} -> {fmt(t['last_loss'], '.3f')}.",
+        "",
     ]
     before, after = r.get("before", {}), r.get("after", {})
     key = "train_kl" if r["mode"] == "whitebox" else "train_ce"
-    lines += ["| prompts | n | acceptance before | after | mean accepted before | after |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| prompts | n | acceptance before | after | mean accepted before | after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for split, label in (("domain_held_out", "held-out domain"), ("general", "general")):
         b, a = before.get(split), after.get(split)
         if b and a:
-            lines.append(f"| {label} | {b['prompts']} | {fmt(b['acceptance_rate'], '.1%')} | "
-                         f"{fmt(a['acceptance_rate'], '.1%')} | {fmt(b['mean_accepted_length'], '.2f')} | "
-                         f"{fmt(a['mean_accepted_length'], '.2f')} |")
-    lines += ["", f"{key} on the training prompts: {fmt(before.get(key), '.4f')} -> {fmt(after.get(key), '.4f')}. "
-              f"Acceptance: greedy speculative decoding, fixed k, up to the eval token budget per prompt.", ""]
+            lines.append(
+                f"| {label} | {b['prompts']} | {fmt(b['acceptance_rate'], '.1%')} | "
+                f"{fmt(a['acceptance_rate'], '.1%')} | {fmt(b['mean_accepted_length'], '.2f')} | "
+                f"{fmt(a['mean_accepted_length'], '.2f')} |"
+            )
+    lines += [
+        "",
+        f"{key} on the training prompts: {fmt(before.get(key), '.4f')} -> {fmt(after.get(key), '.4f')}. "
+        f"Acceptance: greedy speculative decoding, fixed k, up to the eval token budget per prompt.",
+        "",
+    ]
     if r.get("model_dir"):
-        lines += [f"Saved as `{r['name']}` in `{r['model_dir']}`: "
-                  f"`longserve generate --model {r['target']} --draft {r['name']} ...`", ""]
+        lines += [
+            f"Saved as `{r['name']}` in `{r['model_dir']}`: "
+            f"`longserve generate --model {r['target']} --draft {r['name']} ...`",
+            "",
+        ]
     return "\n".join(lines)
 
 

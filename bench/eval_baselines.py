@@ -86,7 +86,11 @@ def merge(out: Path) -> list[dict]:
     records = []
     for (model, own_tasks), preds in sorted(runs.items()):
         replaced = set() if own_tasks else {r["task"] for r in runs.get((model, True), [])}
-        records += [{**r, "target": model, "policy": model, "budget": None} for r in preds if r["task"] not in replaced]
+        records += [
+            {**r, "target": model, "policy": model, "budget": None}
+            for r in preds
+            if r["task"] not in replaced
+        ]
     write_reports(out, records)
     return records
 
@@ -99,21 +103,26 @@ def capabilities(records: list[dict]) -> str:
         scores[r["target"], r["task"]][int(r["length"])].append(100 * r["score"])
     models = sorted({m for m, _ in scores})
     tasks = sorted({t for _, t in scores})
-    columns = [(m, ln) for m in models for ln in sorted({ln for (mm, _), v in scores.items() if mm == m for ln in v})]
+    columns = [
+        (m, ln) for m in models for ln in sorted({ln for (mm, _), v in scores.items() if mm == m for ln in v})
+    ]
 
     def cell(model: str, task: str, length: int) -> str:
         values = scores.get((model, task), {}).get(length)
         return f"{sum(values) / len(values):.0f} ({len(values)})" if values else "-"
 
     lines = [
-        "Full-cache score (x100, n in brackets) per model and prompt length (tokens).", "",
+        "Full-cache score (x100, n in brackets) per model and prompt length (tokens).",
+        "",
         "| task | " + " | ".join(f"{m} {ln // 1024}k" for m, ln in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     lines += [f"| {task} | " + " | ".join(cell(m, task, ln) for m, ln in columns) + " |" for task in tasks]
     thresholds = ", ".join(f"{t} {v:g}" for t, v in MEANINGFUL_BY_TASK.items())
     lines += [
-        "", f"**meaningful** = the full cache reaches {MEANINGFUL:g} at some length ({thresholds}).", "",
+        "",
+        f"**meaningful** = the full cache reaches {MEANINGFUL:g} at some length ({thresholds}).",
+        "",
         "| model | task | scores by length | meaningful |",
         "|---|---|---|---|",
     ]
@@ -134,20 +143,27 @@ def latency_table(records: list[dict]) -> list[str]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in records:
         groups[r["target"], int(r["length"])].append(r)
-    lines = ["| model | length | n | prompt tokens | TTFT (s) | decode tok/s | peak KV (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | length | n | prompt tokens | TTFT (s) | decode tok/s | peak KV (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for (model, length), rs in sorted(groups.items()):
-        tokens, ttft, speed, kv = (sum(r[k] or 0 for r in rs) / len(rs)
-                                   for k in ("prompt_tokens", "ttft_s", "decode_tok_s", "kv_bytes"))
-        lines.append(f"| {model} | {length} | {len(rs)} | {tokens:.0f} | {ttft:.1f} | {speed:.1f} | {kv / 2**20:.1f} |")
+        tokens, ttft, speed, kv = (
+            sum(r[k] or 0 for r in rs) / len(rs)
+            for k in ("prompt_tokens", "ttft_s", "decode_tok_s", "kv_bytes")
+        )
+        lines.append(
+            f"| {model} | {length} | {len(rs)} | {tokens:.0f} | {ttft:.1f} | {speed:.1f} | {kv / 2**20:.1f} |"
+        )
     return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--plan", action="append",
-        help="MODEL:LENGTHS:SAMPLES[:TASK+TASK] (repeatable; default: the full plan)"
+        "--plan",
+        action="append",
+        help="MODEL:LENGTHS:SAMPLES[:TASK+TASK] (repeatable; default: the full plan)",
     )
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--out", default="bench/results/eval_baselines")
@@ -157,9 +173,14 @@ def main() -> int:
     p.add_argument(
         "--answer-cap", type=int, help="at most N new tokens per answer (saves decode time on CPU)"
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="weights' dtype (bfloat16 prefills 2.5-3.5x faster on CPUs with AVX512-BF16)")
-    p.add_argument("--report-only", action="store_true", help="only merge what the runs under --out have so far")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights' dtype (bfloat16 prefills 2.5-3.5x faster on CPUs with AVX512-BF16)",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="only merge what the runs under --out have so far"
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +196,10 @@ def main() -> int:
     (out / "capabilities.md").write_text(table, encoding="utf-8")
     print(table)
     for r in runs.values():
-        print(f"{r['model']} {r['lengths']} {r.get('tasks', TASKS)}: {r['wall_s'] / 60:.1f} min", file=sys.stderr)
+        print(
+            f"{r['model']} {r['lengths']} {r.get('tasks', TASKS)}: {r['wall_s'] / 60:.1f} min",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -38,8 +38,10 @@ def passkey_context(tokenizer, key: int, n_tokens: int, depth: float) -> str:
     n = max(1, (n_tokens - 60) // per)
     parts = [FILLER] * n
     parts.insert(int(n * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n" + "".join(parts))
+    return (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        "I will quiz you about the important information there.\n" + "".join(parts)
+    )
 
 
 def prefill_staging(llm: LLM, ids: list[int]) -> tuple[KVPool, int]:
@@ -81,7 +83,9 @@ def _start(llm: LLM, ids: list[int], staged, n_staged: int, policies: list, max_
     positions = torch.arange(n_staged, len(ids))
     backends = [PrefillBackend(engine.pool, s.slot, positions, staging=staged) for s in seqs]
     with torch.inference_mode():
-        logits = llm.loaded.model(torch.tensor([ids[n_staged:]]), positions[None], FanOut(backends, staged, positions))
+        logits = llm.loaded.model(
+            torch.tensor([ids[n_staged:]]), positions[None], FanOut(backends, staged, positions)
+        )
     for backend, seq in zip(backends, seqs, strict=True):
         backend.finish()
         seq.prefilled = len(ids)
@@ -101,8 +105,12 @@ def answer(llm, ids, staged, n_staged, policies, max_new) -> list[tuple[str, int
 def answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policies, max_new) -> list[tuple[str, int]]:
     """Query-agnostic: compress the context without the question, then append it and answer."""
     engine, seqs, _ = _start(llm, ctx_ids, staged, n_staged, policies, 1)
-    contexts = [CompressedContext.from_slot(engine.pool, seq.slot, llm.fingerprint, {"name": policy.name},
-                                            len(ctx_ids)) for seq, policy in zip(seqs, policies, strict=True)]
+    contexts = [
+        CompressedContext.from_slot(
+            engine.pool, seq.slot, llm.fingerprint, {"name": policy.name}, len(ctx_ids)
+        )
+        for seq, policy in zip(seqs, policies, strict=True)
+    ]
     del engine
     params = SamplingParams(max_new_tokens=max_new)
     asking = llm._engine(len(contexts), max(c.fill for c in contexts) + len(q_ids) + max_new)
@@ -128,8 +136,11 @@ def main() -> None:
     ap.add_argument("--lengths", default="2048,4096")
     ap.add_argument("--samples", default="20,10", help="samples per length (one value or one per length)")
     ap.add_argument("--budgets", default="128,256,512,1024")
-    ap.add_argument("--policies", default="streaming,snapkv,sage,snapstream,h2o,knorm,random,snapkv+ada,sage+ada",
-                    help="'+ada' = head-adaptive (AdaKV) budgets")
+    ap.add_argument(
+        "--policies",
+        default="streaming,snapkv,sage,snapstream,h2o,knorm,random,snapkv+ada,sage+ada",
+        help="'+ada' = head-adaptive (AdaKV) budgets",
+    )
     ap.add_argument("--settings", default="query_aware,query_agnostic")
     ap.add_argument("--tail", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=7)
@@ -146,8 +157,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = out.with_suffix(".jsonl")
-    done = {(r["length"], r["sample"], r["setting"], r["label"]) for r in map(json.loads, jsonl.open())} \
-        if jsonl.exists() else set()
+    done = (
+        {(r["length"], r["sample"], r["setting"], r["label"]) for r in map(json.loads, jsonl.open())}
+        if jsonl.exists()
+        else set()
+    )
     cells = [("full", None)] + [(p, b) for p in args.policies.split(",") for b in budgets]
     total = sum(n for n in samples) * len(settings) * len(cells)
     bar = tqdm(total=total, desc="kv accuracy", unit="cell", initial=len(done))
@@ -176,13 +190,25 @@ def main() -> None:
                         if setting == "query_aware":
                             got = answer(llm, ids, staged, n_staged, policies, args.max_new_tokens)
                         else:
-                            got = answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policies,
-                                                  args.max_new_tokens)
+                            got = answer_agnostic(
+                                llm, ctx_ids, q_ids, staged, n_staged, policies, args.max_new_tokens
+                            )
                         answers += list(zip(group, got, strict=True))
                     for (name, budget), (text, kv_bytes) in answers:
-                        row = {"length": length, "sample": i, "setting": setting, "label": label_of(name, budget),
-                               "policy": name, "budget": budget, "prompt_tokens": len(ids), "depth": depth,
-                               "key": key, "prediction": text, "correct": str(key) in text, "kv_bytes": kv_bytes}
+                        row = {
+                            "length": length,
+                            "sample": i,
+                            "setting": setting,
+                            "label": label_of(name, budget),
+                            "policy": name,
+                            "budget": budget,
+                            "prompt_tokens": len(ids),
+                            "depth": depth,
+                            "key": key,
+                            "prediction": text,
+                            "correct": str(key) in text,
+                            "kv_bytes": kv_bytes,
+                        }
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
                         bar.update()
@@ -205,29 +231,51 @@ def report(out: Path, jsonl: Path, budgets: list[int], command: str, model: str)
         full = groups.get((length, setting, "full"), [])
         full_acc = sum(r["correct"] for r in full) / max(1, len(full))
         acc = sum(r["correct"] for r in rs) / len(rs)
-        summary.append({"length": length, "setting": setting, "label": label, "policy": rs[0]["policy"],
-                        "budget": rs[0]["budget"], "n": len(rs), "accuracy": acc,
-                        "relative_to_full": acc / full_acc if full_acc else None,
-                        "kv_mib": sum(r["kv_bytes"] for r in rs) / len(rs) / 2**20,
-                        "prompt_tokens": sum(r["prompt_tokens"] for r in rs) / len(rs)})
+        summary.append(
+            {
+                "length": length,
+                "setting": setting,
+                "label": label,
+                "policy": rs[0]["policy"],
+                "budget": rs[0]["budget"],
+                "n": len(rs),
+                "accuracy": acc,
+                "relative_to_full": acc / full_acc if full_acc else None,
+                "kv_mib": sum(r["kv_bytes"] for r in rs) / len(rs) / 2**20,
+                "prompt_tokens": sum(r["prompt_tokens"] for r in rs) / len(rs),
+            }
+        )
     meta = {"command": command, "model": model, "date": time.strftime("%Y-%m-%d %H:%M")}
-    lines = [f"# KV policy accuracy vs budget: pass-key retrieval, {model}", "", f"Command: `{command}` "
-             f"({meta['date']}). Accuracy = key found in a greedy answer; n samples per cell, needle depths "
-             "spread evenly over the context.", ""]
+    lines = [
+        f"# KV policy accuracy vs budget: pass-key retrieval, {model}",
+        "",
+        f"Command: `{command}` "
+        f"({meta['date']}). Accuracy = key found in a greedy answer; n samples per cell, needle depths "
+        "spread evenly over the context.",
+        "",
+    ]
     for length in sorted({s["length"] for s in summary}):
         for setting in sorted({s["setting"] for s in summary}):
             cell = {s["label"]: s for s in summary if s["length"] == length and s["setting"] == setting}
             if not cell:
                 continue
             full = cell.get("full")
-            lines += [f"## {length} tokens, {setting} (full cache: {full['accuracy']:.0%}, n={full['n']}, "
-                      f"{full['kv_mib']:.0f} MiB)" if full else f"## {length} tokens, {setting}", "",
-                      "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-                      "|---|" + "---|" * len(budgets)]
+            lines += [
+                f"## {length} tokens, {setting} (full cache: {full['accuracy']:.0%}, n={full['n']}, "
+                f"{full['kv_mib']:.0f} MiB)"
+                if full
+                else f"## {length} tokens, {setting}",
+                "",
+                "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets),
+            ]
             for policy in sorted({s["policy"] for s in cell.values()} - {"full"}):
                 vals = [cell.get(f"{policy}@{b}") for b in budgets]
-                lines.append(f"| {policy} | " + " | ".join(
-                    f"{v['accuracy']:.0%} ({v['kv_mib']:.1f} MiB)" if v else "-" for v in vals) + " |")
+                lines.append(
+                    f"| {policy} | "
+                    + " | ".join(f"{v['accuracy']:.0%} ({v['kv_mib']:.1f} MiB)" if v else "-" for v in vals)
+                    + " |"
+                )
             lines.append("")
     write_result(out, {"meta": meta, "summary": summary}, "\n".join(lines))
     panels = sorted({(s["length"], s["setting"]) for s in summary})

@@ -29,8 +29,13 @@ def run(url: str, prompt: str, batch: int, n_predict: int) -> dict:
     `predicted_ms` would count waiting time)."""
 
     def one(i: int) -> tuple[list[float], dict]:
-        body = {"prompt": f"{i} {prompt}", "max_tokens": n_predict, "temperature": 0, "ignore_eos": True,
-                "stream": True}
+        body = {
+            "prompt": f"{i} {prompt}",
+            "max_tokens": n_predict,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         stamps, timings = [], {}
         with httpx.stream("POST", f"{url}/completions", json=body, timeout=3600) as r:
             r.raise_for_status()
@@ -49,11 +54,14 @@ def run(url: str, prompt: str, batch: int, n_predict: int) -> dict:
     end = min(stamps[-1] for stamps, _ in results)
     window = [t for stamps, _ in results for t in stamps if start < t <= end]
     timings = [t for _, t in results]
-    return {"batch": batch, "prompt_tokens": timings[0].get("prompt_n"),
-            "decode_tok_s": len(window) / (end - start) if end > start else float("nan"),
-            "tokens_in_window": len(window),
-            "per_sequence_tok_s": sum(t.get("predicted_per_second", 0) for t in timings) / batch,
-            "prefill_tok_s": sum(t.get("prompt_per_second", 0) for t in timings) / batch}
+    return {
+        "batch": batch,
+        "prompt_tokens": timings[0].get("prompt_n"),
+        "decode_tok_s": len(window) / (end - start) if end > start else float("nan"),
+        "tokens_in_window": len(window),
+        "per_sequence_tok_s": sum(t.get("predicted_per_second", 0) for t in timings) / batch,
+        "prefill_tok_s": sum(t.get("prompt_per_second", 0) for t in timings) / batch,
+    }
 
 
 def main() -> None:
@@ -70,23 +78,40 @@ def main() -> None:
     batches = [int(x) for x in args.batches.split(",")]
     for batch in batches:
         n_ctx = batch * (max(lengths) + args.n_predict + 64)
-        with LlamaCppServer(gguf, n_ctx=n_ctx, threads=args.threads, parallel=batch, startup_timeout_s=120) as srv:
+        with LlamaCppServer(
+            gguf, n_ctx=n_ctx, threads=args.threads, parallel=batch, startup_timeout_s=120
+        ) as srv:
             for length in lengths:
-                prompt = (FILLER * (length // 12 + 10))
+                prompt = FILLER * (length // 12 + 10)
                 # trim to about `length` tokens with the server's own tokenizer
-                ids = httpx.post(srv.url.removesuffix("/v1") + "/tokenize", json={"content": prompt}).json()["tokens"]
-                text = httpx.post(srv.url.removesuffix("/v1") + "/detokenize",
-                                  json={"tokens": ids[: length - 40]}).json()["content"]
+                ids = httpx.post(srv.url.removesuffix("/v1") + "/tokenize", json={"content": prompt}).json()[
+                    "tokens"
+                ]
+                text = httpx.post(
+                    srv.url.removesuffix("/v1") + "/detokenize", json={"tokens": ids[: length - 40]}
+                ).json()["content"]
                 row = {"context": length, **run(srv.url, text, batch, args.n_predict)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"command": command(), "gguf": gguf.name, "threads": args.threads,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
-    lines = [f"# llama.cpp decode reference ({gguf.name}, {args.threads} threads)", "",
-             f"Command: `{meta['command']}` ({meta['date']})", "",
-             "| context | batch | decode tok/s (aggregate) | per sequence | prefill tok/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['context']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['per_sequence_tok_s']:.1f} | "
-              f"{r['prefill_tok_s']:.0f} |" for r in rows]
+    meta = {
+        "command": command(),
+        "gguf": gguf.name,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    lines = [
+        f"# llama.cpp decode reference ({gguf.name}, {args.threads} threads)",
+        "",
+        f"Command: `{meta['command']}` ({meta['date']})",
+        "",
+        "| context | batch | decode tok/s (aggregate) | per sequence | prefill tok/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['context']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['per_sequence_tok_s']:.1f} | "
+        f"{r['prefill_tok_s']:.0f} |"
+        for r in rows
+    ]
     write_result(args.out, {"meta": meta, "rows": rows}, "\n".join(lines))
 
 

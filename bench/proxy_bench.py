@@ -37,16 +37,20 @@ from longserve.specprefill import SpecPrefillConfig, SpeculativePrefill
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--upstream-model", default="qwen2.5-coder-1.5b-instruct",
-                   help="zoo model whose GGUF llama.cpp serves (its tokenizer measures lengths and keep rates)")
+    p.add_argument(
+        "--upstream-model",
+        default="qwen2.5-coder-1.5b-instruct",
+        help="zoo model whose GGUF llama.cpp serves (its tokenizer measures lengths and keep rates)",
+    )
     p.add_argument("--gguf", help="serve this GGUF instead (lengths are then counted in the draft's tokens)")
     p.add_argument("--draft", default="smollm2-135m-instruct")
     p.add_argument("--keep", type=float, default=0.25)
     p.add_argument("--lengths", default="1024,4096", help="comma-separated prompt lengths (upstream tokens)")
     p.add_argument("--samples", type=int, default=3, help="samples per task and length")
     p.add_argument("--tasks", default="niah_single_1,niah_multikey")
-    p.add_argument("--max-tokens", type=int, default=64,
-                   help="answer length cap (each task's own length when shorter)")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="answer length cap (each task's own length when shorter)"
+    )
     p.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the draft")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the draft's weights")
@@ -55,8 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def stream_ttft(url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": False}
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "cache_prompt": False,
+    }
     start = time.perf_counter()
     first, pieces, usage, sizes = None, [], {}, None
     with httpx.stream("POST", url + "/chat/completions", json=body, timeout=3600) as r:
@@ -73,8 +83,13 @@ def stream_ttft(url: str, prompt: str, max_tokens: int) -> dict:
                     first = time.perf_counter()
                 pieces.append(piece)
     end = time.perf_counter()
-    return {"ttft_s": (first or end) - start, "latency_s": end - start, "text": "".join(pieces),
-            "upstream_prompt_tokens": usage.get("prompt_tokens"), "sizes": sizes}
+    return {
+        "ttft_s": (first or end) - start,
+        "latency_s": end - start,
+        "text": "".join(pieces),
+        "upstream_prompt_tokens": usage.get("prompt_tokens"),
+        "sizes": sizes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,39 +118,76 @@ def main(argv: list[str] | None = None) -> int:
                 for route, url in order if i % 2 == 0 else order[::-1]:
                     res = stream_ttft(url, prompt, min(args.max_tokens, sample.max_new_tokens))
                     score = score_sample(sample, res["text"])
-                    records.append({"sample": sample.id, "length": sample.target_tokens, "route": route,
-                                    "score": score, **res})
-                    print(f"[{i + 1}/{len(samples)}] {sample.id} {route}: TTFT {res['ttft_s']:.2f} s, "
-                          f"upstream prompt {res['upstream_prompt_tokens']} tok, score {score:.2f}", file=sys.stderr)
+                    records.append(
+                        {
+                            "sample": sample.id,
+                            "length": sample.target_tokens,
+                            "route": route,
+                            "score": score,
+                            **res,
+                        }
+                    )
+                    print(
+                        f"[{i + 1}/{len(samples)}] {sample.id} {route}: TTFT {res['ttft_s']:.2f} s, "
+                        f"upstream prompt {res['upstream_prompt_tokens']} tok, score {score:.2f}",
+                        file=sys.stderr,
+                    )
         startup_s = llama.startup_s
 
     rows = []
     for length in lengths:
-        by = {route: [r for r in records if r["length"] == length and r["route"] == route]
-              for route in ("direct", "proxy")}
+        by = {
+            route: [r for r in records if r["length"] == length and r["route"] == route]
+            for route in ("direct", "proxy")
+        }
         direct_ttft = statistics.mean(r["ttft_s"] for r in by["direct"])
         for route, sel in by.items():
             ttft = statistics.mean(r["ttft_s"] for r in sel)
-            rows.append({"length": length, "route": route, "n": len(sel), "ttft_s": ttft,
-                         "ttft_ratio": ttft / direct_ttft,
-                         "upstream_prompt_tokens": statistics.mean(r["upstream_prompt_tokens"] or 0 for r in sel),
-                         "accuracy": statistics.mean(r["score"] for r in sel)})
-    info = (f"{platform.machine()}, llama.cpp {args.llama_threads} thread(s) (xllamacpp), draft on "
-            f"{args.threads} torch thread(s) in {args.dtype}, torch {torch.__version__}")
-    result = {"command": command(argv), "gguf": str(gguf), "draft": args.draft, "keep": args.keep, "lengths": lengths,
-              "tasks": args.tasks.split(","), "samples_per_task": args.samples, "machine": info,
-              "llama_startup_s": startup_s, "summary": rows, "records": records}
+            rows.append(
+                {
+                    "length": length,
+                    "route": route,
+                    "n": len(sel),
+                    "ttft_s": ttft,
+                    "ttft_ratio": ttft / direct_ttft,
+                    "upstream_prompt_tokens": statistics.mean(r["upstream_prompt_tokens"] or 0 for r in sel),
+                    "accuracy": statistics.mean(r["score"] for r in sel),
+                }
+            )
+    info = (
+        f"{platform.machine()}, llama.cpp {args.llama_threads} thread(s) (xllamacpp), draft on "
+        f"{args.threads} torch thread(s) in {args.dtype}, torch {torch.__version__}"
+    )
+    result = {
+        "command": command(argv),
+        "gguf": str(gguf),
+        "draft": args.draft,
+        "keep": args.keep,
+        "lengths": lengths,
+        "tasks": args.tasks.split(","),
+        "samples_per_task": args.samples,
+        "machine": info,
+        "llama_startup_s": startup_s,
+        "summary": rows,
+        "records": records,
+    }
     lines = [
-        "# Compressing proxy in front of llama.cpp's server", "", f"Command: `{result['command']}`", "",
+        "# Compressing proxy in front of llama.cpp's server",
+        "",
+        f"Command: `{result['command']}`",
+        "",
         f"Upstream: llama.cpp server (xllamacpp) serving `{gguf.name}`, prompt cache off; proxy draft "
         f"`{args.draft}`, keep {args.keep:g}; {info}. TTFT = client time to the first streamed token "
-        "(through the proxy: draft scoring + upstream prefill of the kept text).", "",
+        "(through the proxy: draft scoring + upstream prefill of the kept text).",
+        "",
         "| length | route | TTFT (s) | vs direct | upstream prompt tokens | accuracy | n |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['length']} | {r['route']} | {r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | "
-                     f"{r['upstream_prompt_tokens']:.0f} | {r['accuracy']:.2f} | {r['n']} |")
+        lines.append(
+            f"| {r['length']} | {r['route']} | {r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | "
+            f"{r['upstream_prompt_tokens']:.0f} | {r['accuracy']:.2f} | {r['n']} |"
+        )
     write_result(args.out, result, "\n".join(lines))
     return 0
 

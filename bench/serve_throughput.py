@@ -45,12 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=3072)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--policies", default="full,snapstream:512,snapstream:1024", help="name[:budget],...")
-    p.add_argument("--hf-requests", type=int, default=8, help="requests for the sequential HF baseline (0: skip)")
+    p.add_argument(
+        "--hf-requests", type=int, default=8, help="requests for the sequential HF baseline (0: skip)"
+    )
     p.add_argument("--capacity-len", type=int, default=4096, help="sequence length for the capacity table")
     p.add_argument("--capacity-memory", default="2GiB")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and KV for longserve and the HF baseline alike")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and KV for longserve and the HF baseline alike",
+    )
     p.add_argument("--out", default="bench/results/serve_throughput", help="output path without extension")
     return p.parse_args(argv)
 
@@ -63,7 +69,9 @@ def policy_spec(text: str) -> tuple[str, int | None]:
 def build_prompts(tokenizer, n: int, prompt_tokens: int) -> list[list[int]]:
     """`n` distinct prompts of exactly `prompt_tokens` tokens: the document's paragraphs rotated by the
     request index (repeated as needed), cut to length, then a question."""
-    paragraphs = [p for p in files("longserve").joinpath("data/demo_document.md").read_text().split("\n\n") if p]
+    paragraphs = [
+        p for p in files("longserve").joinpath("data/demo_document.md").read_text().split("\n\n") if p
+    ]
     question = tokenizer.encode(QUESTION, add_special_tokens=False)
     body_len = prompt_tokens - len(question)
     prompts = []
@@ -85,9 +93,15 @@ def percentile(values: list[float], q: float) -> float:
 def _one_request(client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int) -> dict:
     start = time.perf_counter()
     first, usage = None, None
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True},
-                                           extra_body={"ignore_eos": True}):
+    for chunk in client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
         if chunk.choices and first is None:
             first = time.perf_counter()
         usage = chunk.usage or usage
@@ -103,15 +117,27 @@ def run_clients(url: str, model: str, prompts: list[list[int]], clients: int, ma
     wall = time.perf_counter() - start
     ttfts = [r["ttft_s"] for r in rows]
     tokens = sum(r["completion_tokens"] for r in rows)
-    return {"clients": clients, "requests": len(rows), "wall_s": wall, "output_tokens": tokens,
-            "output_tok_s": tokens / wall, "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
-            "e2e_p50_s": statistics.median(r["e2e_s"] for r in rows)}
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "e2e_p50_s": statistics.median(r["e2e_s"] for r in rows),
+    }
 
 
 def bench_server(llm: LLM, spec: str, prompts: list[list[int]], levels: list[int], args) -> list[dict]:
     name, budget = policy_spec(spec)
-    app = create_app(llm, kv_policy=llm.policy(name, budget), max_model_len=args.prompt_tokens + args.max_tokens,
-                     max_batch_size=max(levels), max_waiting=None)
+    app = create_app(
+        llm,
+        kv_policy=llm.policy(name, budget),
+        max_model_len=args.prompt_tokens + args.max_tokens,
+        max_batch_size=max(levels),
+        max_waiting=None,
+    )
     plan = app.state.server.plan
     rows = []
     with BackgroundServer(app) as server:
@@ -120,8 +146,11 @@ def bench_server(llm: LLM, spec: str, prompts: list[list[int]], levels: list[int
         for clients in levels:
             row = run_clients(server.url, model, prompts, clients, args.max_tokens)
             rows.append({"engine": "longserve", "policy": spec, "slot_bytes": plan.slot_bytes, **row})
-            print(f"  {spec:>16} x{clients:<3} {row['output_tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s"
-                  f"  p95 {row['ttft_p95_s']:.2f} s", file=sys.stderr)
+            print(
+                f"  {spec:>16} x{clients:<3} {row['output_tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.2f} s"
+                f"  p95 {row['ttft_p95_s']:.2f} s",
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -150,16 +179,32 @@ def hf_baseline(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict:
     for prompt in prompts:
         ids, streamer = torch.tensor([prompt]), FirstToken()
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, streamer=streamer)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            streamer=streamer,
+        )
         ttfts.append(streamer.at - t0)
         tokens += out.shape[1] - ids.shape[1]
     wall = time.perf_counter() - start
-    print(f"  {'hf generate':>16} x1   {tokens / wall:8.1f} tok/s  TTFT p50 {percentile(ttfts, 50):.2f} s",
-          file=sys.stderr)
-    return {"engine": "transformers.generate (sequential)", "policy": "full", "clients": 1,
-            "requests": len(prompts), "wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95)}
+    print(
+        f"  {'hf generate':>16} x1   {tokens / wall:8.1f} tok/s  TTFT p50 {percentile(ttfts, 50):.2f} s",
+        file=sys.stderr,
+    )
+    return {
+        "engine": "transformers.generate (sequential)",
+        "policy": "full",
+        "clients": 1,
+        "requests": len(prompts),
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+    }
 
 
 def capacity(llm: LLM, specs: list[str], seq_len: int, memory: str) -> list[dict]:
@@ -169,37 +214,65 @@ def capacity(llm: LLM, specs: list[str], seq_len: int, memory: str) -> list[dict
     rows = []
     for spec in specs:
         name, budget = policy_spec(spec)
-        plan = plan_kv(llm, llm.policy(name, budget), max_model_len=seq_len, max_batch_size=10**9,
-                       max_kv_memory=memory)
+        plan = plan_kv(
+            llm, llm.policy(name, budget), max_model_len=seq_len, max_batch_size=10**9, max_kv_memory=memory
+        )
         n = plan.sequences_by_memory
         pool = KVPool(llm.loaded.args, n, plan.slot_capacity, max_tokens=llm.context_window, dtype=llm.dtype)
         assert pool.nbytes() == n * plan.slot_bytes <= limit < (n + 1) * plan.slot_bytes
-        rows.append({"policy": spec, "seq_len": seq_len, "memory": memory, "slot_tokens": plan.slot_capacity,
-                     "slot_bytes": plan.slot_bytes, "sequences": n, "pool_bytes": pool.nbytes(),
-                     "vs_full": plan.capacity_ratio})
+        rows.append(
+            {
+                "policy": spec,
+                "seq_len": seq_len,
+                "memory": memory,
+                "slot_tokens": plan.slot_capacity,
+                "slot_bytes": plan.slot_bytes,
+                "sequences": n,
+                "pool_bytes": pool.nbytes(),
+                "vs_full": plan.capacity_ratio,
+            }
+        )
         del pool
     return rows
 
 
 def markdown(result: dict) -> str:
     hf = next((r for r in result["throughput"] if r["engine"] != "longserve"), None)
-    lines = ["# Serving throughput", "", f"Command: `{result['command']}`", "",
-             f"Model `{result['model']}`, prompts of {result['prompt_tokens']} tokens, {result['max_tokens']} output "
-             f"tokens each (ignore_eos), {result['machine']}.", "",
-             "| engine | policy | clients | requests | output tok/s | vs HF | TTFT p50 (s) | TTFT p95 (s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Serving throughput",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Model `{result['model']}`, prompts of {result['prompt_tokens']} tokens, {result['max_tokens']} output "
+        f"tokens each (ignore_eos), {result['machine']}.",
+        "",
+        "| engine | policy | clients | requests | output tok/s | vs HF | TTFT p50 (s) | TTFT p95 (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["throughput"]:
         ratio = f"{r['output_tok_s'] / hf['output_tok_s']:.2f}x" if hf else "-"
-        lines.append(f"| {r['engine']} | {r['policy']} | {r['clients']} | {r['requests']} | {r['output_tok_s']:.1f} "
-                     f"| {ratio} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |")
-    lines += ["", f"## Capacity: concurrent {result['capacity'][0]['seq_len']}-token sequences in "
-                  f"{result['capacity'][0]['memory']} of KV", "",
-              "| policy | tokens per slot | bytes per slot | sequences | vs full |", "|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['engine']} | {r['policy']} | {r['clients']} | {r['requests']} | {r['output_tok_s']:.1f} "
+            f"| {ratio} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |"
+        )
+    lines += [
+        "",
+        f"## Capacity: concurrent {result['capacity'][0]['seq_len']}-token sequences in "
+        f"{result['capacity'][0]['memory']} of KV",
+        "",
+        "| policy | tokens per slot | bytes per slot | sequences | vs full |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for c in result["capacity"]:
-        lines.append(f"| {c['policy']} | {c['slot_tokens']} | {c['slot_bytes']:,} | {c['sequences']} "
-                     f"| {c['vs_full']:.1f}x |")
-    lines += ["", "Clients, server and engine share one process (in-process uvicorn); TTFT is measured by the "
-              "client and includes queueing. The capacity counts K/V bytes; each pool was built to confirm it."]
+        lines.append(
+            f"| {c['policy']} | {c['slot_tokens']} | {c['slot_bytes']:,} | {c['sequences']} "
+            f"| {c['vs_full']:.1f}x |"
+        )
+    lines += [
+        "",
+        "Clients, server and engine share one process (in-process uvicorn); TTFT is measured by the "
+        "client and includes queueing. The capacity counts K/V bytes; each pool was built to confirm it.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -217,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf_requests:
         throughput.append(hf_baseline(llm, prompts[: args.hf_requests], args.max_tokens))
     result = {
-        "command": command(), "model": args.model, "prompt_tokens": args.prompt_tokens,
+        "command": command(),
+        "model": args.model,
+        "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads), {args.dtype}",
+        f"({torch.get_num_threads()} threads), {args.dtype}",
         "throughput": throughput,
         "capacity": capacity(llm, specs, args.capacity_len, args.capacity_memory),
     }

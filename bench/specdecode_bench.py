@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--prompts", type=int, default=8, help=f"how many code prompts (at most {len(CODE_PROMPTS)})")
+    p.add_argument(
+        "--prompts", type=int, default=8, help=f"how many code prompts (at most {len(CODE_PROMPTS)})"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--k", default="2,4,6", help="comma-separated numbers of draft tokens")
     p.add_argument("--adaptive", action="store_true", help="adaptive k (default: fixed k per run)")
@@ -74,8 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     target.generate(chats[0], max_new_tokens=2)  # warm-up (allocator, kernels)
 
     rows = {"target-only": {"tokens": 0, "decode_s": 0.0}}
-    rows.update({f"k={k}": {"tokens": 0, "decode_s": 0.0, "proposed": 0, "accepted": 0, "rounds": 0,
-                            "forwards": 0, "identical": 0, "same_prefix": 0, "compared": 0} for k in ks})
+    rows.update(
+        {
+            f"k={k}": {
+                "tokens": 0,
+                "decode_s": 0.0,
+                "proposed": 0,
+                "accepted": 0,
+                "rounds": 0,
+                "forwards": 0,
+                "identical": 0,
+                "same_prefix": 0,
+                "compared": 0,
+            }
+            for k in ks
+        }
+    )
     for i, chat in enumerate(chats):
         start = time.perf_counter()
         base = target.generate(chat, max_new_tokens=args.max_new_tokens)[0]
@@ -95,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             r["rounds"] += s["verify_rounds"]
             r["forwards"] += s["target_forward_passes"]
             r["identical"] += out.token_ids == base.token_ids
-            r["same_prefix"] += next((j for j, (a, b) in enumerate(zip(out.token_ids, base.token_ids, strict=False))
-                                      if a != b), min(len(out.token_ids), len(base.token_ids)))
+            r["same_prefix"] += next(
+                (j for j, (a, b) in enumerate(zip(out.token_ids, base.token_ids, strict=False)) if a != b),
+                min(len(out.token_ids), len(base.token_ids)),
+            )
             r["compared"] += len(base.token_ids)
         print(f"prompt {i + 1}/{len(chats)} done", file=sys.stderr, flush=True)
 
@@ -104,20 +122,35 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, r in rows.items():
         rate = r["tokens"] / r["decode_s"] if r["decode_s"] > 0 else None
-        row = {"run": name, "decode_tokens_per_s": rate, "speedup": rate / base_rate if rate else None,
-               "generated_tokens": r["tokens"]}
+        row = {
+            "run": name,
+            "decode_tokens_per_s": rate,
+            "speedup": rate / base_rate if rate else None,
+            "generated_tokens": r["tokens"],
+        }
         if name != "target-only":
-            row.update({"acceptance_rate": r["accepted"] / r["proposed"] if r["proposed"] else None,
-                        "mean_accepted_length": r["accepted"] / r["rounds"] if r["rounds"] else None,
-                        "tokens_per_target_forward": r["tokens"] / r["forwards"] if r["forwards"] else None,
-                        "identical_outputs": f"{r['identical']}/{len(chats)}",
-                        "same_prefix_fraction": r["same_prefix"] / r["compared"] if r["compared"] else None})
+            row.update(
+                {
+                    "acceptance_rate": r["accepted"] / r["proposed"] if r["proposed"] else None,
+                    "mean_accepted_length": r["accepted"] / r["rounds"] if r["rounds"] else None,
+                    "tokens_per_target_forward": r["tokens"] / r["forwards"] if r["forwards"] else None,
+                    "identical_outputs": f"{r['identical']}/{len(chats)}",
+                    "same_prefix_fraction": r["same_prefix"] / r["compared"] if r["compared"] else None,
+                }
+            )
         results.append(row)
     report = {
         "command": command(argv),
-        "target": args.target, "draft": args.draft, "prompts": len(chats), "max_new_tokens": args.max_new_tokens,
-        "adaptive": args.adaptive, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "machine": machine(), "load_s": load_s, "results": results,
+        "target": args.target,
+        "draft": args.draft,
+        "prompts": len(chats),
+        "max_new_tokens": args.max_new_tokens,
+        "adaptive": args.adaptive,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "load_s": load_s,
+        "results": results,
     }
     write_result(args.out, report, markdown(report))
     return 0
@@ -125,24 +158,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(report: dict) -> str:
     lines = [
-        "# Speculative decoding: draft-verify vs target-only (greedy)", "",
-        f"Command: `{report['command']}`", "",
+        "# Speculative decoding: draft-verify vs target-only (greedy)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
         f"Target `{report['target']}`, draft `{report['draft']}`, {report['prompts']} code prompts (chat template), "
         f"up to {report['max_new_tokens']} new tokens, {report['dtype']}, {'adaptive' if report['adaptive'] else 'fixed'}"
-        f" k, {report['machine']}.", "",
+        f" k, {report['machine']}.",
+        "",
         "| run | decode tok/s | vs target-only | acceptance | mean accepted / round | tokens / target forward "
         "| identical output | tokens before first difference |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['run']} | {fmt(r['decode_tokens_per_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
-                     f"{fmt(r.get('acceptance_rate'), '.1%')} | {fmt(r.get('mean_accepted_length'), '.2f')} | "
-                     f"{fmt(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} | "
-                     f"{fmt(r.get('same_prefix_fraction'), '.1%')} |")
-    lines += ["", "Decode tok/s counts the tokens after the first over the time after the first token (prefill "
-              "excluded: for speculative runs both the draft and the target prefill). Identical output: token-for-token equal to "
-              "target-only greedy decoding of the same prompt; tokens before first difference: the share of target-only "
-              "tokens reproduced before the two outputs first differ.", ""]
+        lines.append(
+            f"| {r['run']} | {fmt(r['decode_tokens_per_s'], '.2f')} | {fmt(r['speedup'], '.2f')}x | "
+            f"{fmt(r.get('acceptance_rate'), '.1%')} | {fmt(r.get('mean_accepted_length'), '.2f')} | "
+            f"{fmt(r.get('tokens_per_target_forward'), '.2f')} | {r.get('identical_outputs', '-')} | "
+            f"{fmt(r.get('same_prefix_fraction'), '.1%')} |"
+        )
+    lines += [
+        "",
+        "Decode tok/s counts the tokens after the first over the time after the first token (prefill "
+        "excluded: for speculative runs both the draft and the target prefill). Identical output: token-for-token equal to "
+        "target-only greedy decoding of the same prompt; tokens before first difference: the share of target-only "
+        "tokens reproduced before the two outputs first differ.",
+        "",
+    ]
     return "\n".join(lines)
 
 

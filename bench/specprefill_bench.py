@@ -77,30 +77,50 @@ def main(argv: list[str] | None = None) -> int:
     drafts = [d for d in args.drafts.split(",") if d]
     t0 = time.perf_counter()
     target = LLM(args.target, dtype=args.dtype, progress=False)
-    sps = {d: ScoreOnce(LLM(d, dtype=args.dtype, progress=False), SpecPrefillConfig(keep_tail=args.keep_tail))
-           for d in drafts}
+    sps = {
+        d: ScoreOnce(LLM(d, dtype=args.dtype, progress=False), SpecPrefillConfig(keep_tail=args.keep_tail))
+        for d in drafts
+    }
     load_s = time.perf_counter() - t0
     tok = target.tokenizer
 
     def count(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False))
 
-    samples = make_suite(args.tasks.split(","), args.samples, lengths, count, seed=args.seed,
-                         max_context=target.context_window)
+    samples = make_suite(
+        args.tasks.split(","), args.samples, lengths, count, seed=args.seed, max_context=target.context_window
+    )
     target.generate("Warm-up.", max_new_tokens=2)
     records = []
     for i, sample in enumerate(samples):
         prompt = [{"role": "user", "content": sample.context + sample.question}]
         max_new = args.max_new_tokens or sample.max_new_tokens
         full = target.generate(prompt, max_new_tokens=max_new)[0]
-        base = {"sample": sample.id, "task": sample.task, "length": sample.target_tokens,
-                "answers": sample.answers}
+        base = {
+            "sample": sample.id,
+            "task": sample.task,
+            "length": sample.target_tokens,
+            "answers": sample.answers,
+        }
         full_score = score_sample(sample, full.text)
-        records.append({**base, "setting": "full", "draft": None, "keep": 1.0, "ttft_s": full.stats["ttft_s"],
-                        "prompt_tokens": full.prompt_tokens, "kept_tokens": full.prompt_tokens, "ratio": 1.0,
-                        "score": full_score, "prediction": full.text})
-        print(f"[{i + 1}/{len(samples)}] {sample.id}: full TTFT {full.stats['ttft_s']:.2f} s score {full_score:.2f}",
-              file=sys.stderr)
+        records.append(
+            {
+                **base,
+                "setting": "full",
+                "draft": None,
+                "keep": 1.0,
+                "ttft_s": full.stats["ttft_s"],
+                "prompt_tokens": full.prompt_tokens,
+                "kept_tokens": full.prompt_tokens,
+                "ratio": 1.0,
+                "score": full_score,
+                "prediction": full.text,
+            }
+        )
+        print(
+            f"[{i + 1}/{len(samples)}] {sample.id}: full TTFT {full.stats['ttft_s']:.2f} s score {full_score:.2f}",
+            file=sys.stderr,
+        )
         for name, sp in sps.items():
             for keep in keeps:
                 sp.charged = 0.0
@@ -109,53 +129,112 @@ def main(argv: list[str] | None = None) -> int:
                 out = sp.generate_compressed(target, [cp], max_new_tokens=max_new)[0]
                 ttft = out.stats["ttft_s"] + charged
                 score = score_sample(sample, out.text)
-                records.append({
-                    **base, "setting": "specprefill", "draft": name, "keep": keep, "path": cp.path,
-                    "ttft_s": ttft, "target_ttft_s": out.stats["target_ttft_s"],
-                    "score_s": cp.score_s + charged, "compress_s": cp.compress_s + charged,
-                    "prompt_tokens": cp.original_tokens, "kept_tokens": cp.kept_tokens, "ratio": cp.ratio,
-                    "content_ratio": cp.content_ratio, "windows": cp.windows, "score": score,
-                    "agree": score == full_score, "prediction": out.text,
-                })
-                print(f"    {name} keep {keep:g}: TTFT {ttft:.2f} s (score {cp.score_s + charged:.2f} s) "
-                      f"kept {cp.kept_tokens}/{cp.original_tokens} score {score:.2f}", file=sys.stderr)
+                records.append(
+                    {
+                        **base,
+                        "setting": "specprefill",
+                        "draft": name,
+                        "keep": keep,
+                        "path": cp.path,
+                        "ttft_s": ttft,
+                        "target_ttft_s": out.stats["target_ttft_s"],
+                        "score_s": cp.score_s + charged,
+                        "compress_s": cp.compress_s + charged,
+                        "prompt_tokens": cp.original_tokens,
+                        "kept_tokens": cp.kept_tokens,
+                        "ratio": cp.ratio,
+                        "content_ratio": cp.content_ratio,
+                        "windows": cp.windows,
+                        "score": score,
+                        "agree": score == full_score,
+                        "prediction": out.text,
+                    }
+                )
+                print(
+                    f"    {name} keep {keep:g}: TTFT {ttft:.2f} s (score {cp.score_s + charged:.2f} s) "
+                    f"kept {cp.kept_tokens}/{cp.original_tokens} score {score:.2f}",
+                    file=sys.stderr,
+                )
 
     rows = []
     for length in lengths:
         full_rows = [r for r in records if r["setting"] == "full" and r["length"] == length]
         full_ttft = statistics.mean(r["ttft_s"] for r in full_rows)
         full_acc = statistics.mean(r["score"] for r in full_rows)
-        rows.append({"length": length, "draft": "(full prompt)", "path": "-", "keep": 1.0, "ratio": 1.0,
-                     "ttft_s": full_ttft, "ttft_ratio": 1.0, "score_s": 0.0, "accuracy": full_acc,
-                     "rel_accuracy": 1.0, "agree": 1.0, "n": len(full_rows)})
+        rows.append(
+            {
+                "length": length,
+                "draft": "(full prompt)",
+                "path": "-",
+                "keep": 1.0,
+                "ratio": 1.0,
+                "ttft_s": full_ttft,
+                "ttft_ratio": 1.0,
+                "score_s": 0.0,
+                "accuracy": full_acc,
+                "rel_accuracy": 1.0,
+                "agree": 1.0,
+                "n": len(full_rows),
+            }
+        )
         for name in drafts:
             for keep in keeps:
-                sel = [r for r in records if r["draft"] == name and r["keep"] == keep and r["length"] == length]
+                sel = [
+                    r for r in records if r["draft"] == name and r["keep"] == keep and r["length"] == length
+                ]
                 acc = statistics.mean(r["score"] for r in sel)
                 ttft = statistics.mean(r["ttft_s"] for r in sel)
-                rows.append({"length": length, "draft": name, "path": sel[0]["path"], "keep": keep,
-                             "ratio": statistics.mean(r["ratio"] for r in sel), "ttft_s": ttft,
-                             "ttft_ratio": ttft / full_ttft, "score_s": statistics.mean(r["score_s"] for r in sel),
-                             "accuracy": acc, "rel_accuracy": acc / full_acc if full_acc else None,
-                             "agree": statistics.mean(r["agree"] for r in sel), "n": len(sel)})
+                rows.append(
+                    {
+                        "length": length,
+                        "draft": name,
+                        "path": sel[0]["path"],
+                        "keep": keep,
+                        "ratio": statistics.mean(r["ratio"] for r in sel),
+                        "ttft_s": ttft,
+                        "ttft_ratio": ttft / full_ttft,
+                        "score_s": statistics.mean(r["score_s"] for r in sel),
+                        "accuracy": acc,
+                        "rel_accuracy": acc / full_acc if full_acc else None,
+                        "agree": statistics.mean(r["agree"] for r in sel),
+                        "n": len(sel),
+                    }
+                )
 
     same = {d: same_tokenizer(target.tokenizer, sp.draft.tokenizer) for d, sp in sps.items()}
-    result = {"command": command(argv), "target": args.target, "drafts": drafts, "same_tokenizer": same,
-              "lengths": lengths, "keeps": keeps, "tasks": args.tasks.split(","), "samples_per_task": args.samples,
-              "machine": machine(), "load_s": load_s, "summary": rows, "records": records}
+    result = {
+        "command": command(argv),
+        "target": args.target,
+        "drafts": drafts,
+        "same_tokenizer": same,
+        "lengths": lengths,
+        "keeps": keeps,
+        "tasks": args.tasks.split(","),
+        "samples_per_task": args.samples,
+        "machine": machine(),
+        "load_s": load_s,
+        "summary": rows,
+        "records": records,
+    }
     lines = [
-        "# Speculative prefill vs full prefill", "", f"Command: `{result['command']}`", "",
+        "# Speculative prefill vs full prefill",
+        "",
+        f"Command: `{result['command']}`",
+        "",
         f"Target `{args.target}`; tasks {args.tasks}; {args.samples} sample(s) per task and length; {machine()}.",
-        "TTFT includes the draft's scoring; ratio = kept / original prompt tokens (target tokens).", "",
+        "TTFT includes the draft's scoring; ratio = kept / original prompt tokens (target tokens).",
+        "",
         "| length | draft | path | keep | kept ratio | TTFT (s) | TTFT vs full | draft scoring (s) | accuracy "
         "| rel. acc | agree | n |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         rel = f"{r['rel_accuracy']:.2f}" if r["rel_accuracy"] is not None else "n/a"
-        lines.append(f"| {r['length']} | {r['draft']} | {r['path']} | {r['keep']:g} | {r['ratio']:.3f} | "
-                     f"{r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | {r['score_s']:.2f} | {r['accuracy']:.2f} | "
-                     f"{rel} | {r['agree']:.2f} | {r['n']} |")
+        lines.append(
+            f"| {r['length']} | {r['draft']} | {r['path']} | {r['keep']:g} | {r['ratio']:.3f} | "
+            f"{r['ttft_s']:.2f} | {r['ttft_ratio']:.2f}x | {r['score_s']:.2f} | {r['accuracy']:.2f} | "
+            f"{rel} | {r['agree']:.2f} | {r['n']} |"
+        )
     write_result(args.out, result, "\n".join(lines))
     return 0
 

@@ -12,9 +12,16 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 def hf_config(family: str, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     common.update(overrides)
     if family == "llama":
         return LlamaConfig(**common, head_dim=16)
@@ -26,9 +33,15 @@ def hf_config(family: str, **overrides):
         return MistralConfig(**common, head_dim=16, sliding_window=None)
     if family == "gemma3":
         common["num_hidden_layers"] = overrides.get("num_hidden_layers", 4)
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=24, query_pre_attn_scalar=16,
-                                layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
-                                             "full_attention"][: common["num_hidden_layers"]])
+        return Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=24,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"][
+                : common["num_hidden_layers"]
+            ],
+        )
     raise ValueError(family)
 
 
@@ -71,5 +84,7 @@ def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> tuple[Load
     missing, _ = ours.load_state_dict(ref.state_dict(), strict=False)
     assert not [m for m in missing if m != "lm_head.weight"], missing
     ours.eval().fuse()
-    loaded = LoadedModel(f"tiny-{family}", None, ours, ByteTokenizer(), ours.args, (ByteTokenizer.eos_token_id,))
+    loaded = LoadedModel(
+        f"tiny-{family}", None, ours, ByteTokenizer(), ours.args, (ByteTokenizer.eos_token_id,)
+    )
     return loaded, ref

@@ -24,8 +24,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-budget", type=int, help="tokens kept per sequence (sinks + selected + window)")
     p.add_argument("--kv-ratio", type=float, help="fraction of the prompt kept, in (0, 1]")
     p.add_argument("--kv-window", type=int, help="recent tokens always kept (policy default otherwise)")
-    p.add_argument("--kv-head-adaptive", action="store_true",
-                   help="AdaKV: one top-k over each layer's heads (same bytes; heads keep different counts)")
+    p.add_argument(
+        "--kv-head-adaptive",
+        action="store_true",
+        help="AdaKV: one top-k over each layer's heads (same bytes; heads keep different counts)",
+    )
 
 
 def policy_kwargs(args) -> dict:
@@ -53,8 +56,10 @@ def cmd_models(args) -> int:
         rows = zoo.list_models()
         print(f"{'name':30} {'family':8} {'params':>7} {'context':>8}  {'license':12} cached")
         for r in rows:
-            print(f"{r['name']:30} {r['family']:8} {r['params']:>7} {r['context_window']:>8}  "
-                  f"{r['license']:12} {'yes' if r['cached'] else 'no'}")
+            print(
+                f"{r['name']:30} {r['family']:8} {r['params']:>7} {r['context_window']:>8}  "
+                f"{r['license']:12} {'yes' if r['cached'] else 'no'}"
+            )
         return 0
     if not args.name:
         raise LongserveError("usage: longserve models pull NAME [--force]")
@@ -76,12 +81,15 @@ def read_prompt(args) -> str:
 def print_stats(stats: dict, out=sys.stderr) -> None:
     ttft = stats["ttft_s"]
     tps = stats["decode_tokens_per_s"]
-    print(f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | decode "
-          f"{tps:.1f} tok/s | KV {stats['kv_policy']}: {_human(stats['kv_bytes_final'])} held, "
-          f"{_human(stats['kv_bytes_allocated'])} allocated, {stats['kv_tokens_final']} tok/layer, "
-          f"ratio {stats['compression_ratio']:.1f}x]" if tps else
-          f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | KV {_human(stats['kv_bytes_final'])}]",
-          file=out)
+    print(
+        f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | decode "
+        f"{tps:.1f} tok/s | KV {stats['kv_policy']}: {_human(stats['kv_bytes_final'])} held, "
+        f"{_human(stats['kv_bytes_allocated'])} allocated, {stats['kv_tokens_final']} tok/layer, "
+        f"ratio {stats['compression_ratio']:.1f}x]"
+        if tps
+        else f"\n[prompt {stats['prompt_tokens']} tok | TTFT {ttft:.2f} s | KV {_human(stats['kv_bytes_final'])}]",
+        file=out,
+    )
 
 
 def cmd_generate(args) -> int:
@@ -99,11 +107,23 @@ def cmd_generate(args) -> int:
     spec_prefill = from_args(args)
     if spec_prefill and args.draft:
         raise LongserveError("--prefill-draft and --draft cannot be combined yet; use one of them")
-    llm = LLM(args.model, dtype=args.dtype, draft=args.draft, num_draft_tokens=args.num_draft_tokens,
-              **({"threads": args.threads} if args.threads else {}))
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        **({"threads": args.threads} if args.threads else {}),
+    )
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=args.stop, **policy_kwargs(args))
+    kwargs = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        **policy_kwargs(args),
+    )
     stream = spec_prefill.stream(llm, prompt, **kwargs) if spec_prefill else llm.stream(prompt, **kwargs)
     last = None
     for out in stream:
@@ -134,7 +154,9 @@ def cmd_compress(args) -> int:
     llm = LLM(args.model)
     ctx = llm.compress(Path(args.context).read_text(), **policy_kwargs(args))
     ctx.save(args.out)
-    print(f"compressed {ctx.n_context_tokens} tokens -> {ctx.fill} per layer ({_human(ctx.nbytes)}) in {args.out}")
+    print(
+        f"compressed {ctx.n_context_tokens} tokens -> {ctx.fill} per layer ({_human(ctx.nbytes)}) in {args.out}"
+    )
     return 0
 
 

@@ -39,22 +39,41 @@ class CompressedContext:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
 
     @classmethod
-    def from_slot(cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int) -> CompressedContext:
+    def from_slot(
+        cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int
+    ) -> CompressedContext:
         state = pool.slots[slot]
         if state.flat:  # stored as [Hkv, fill] blocks of the flat entry list, with each entry's head
             if any(pool.args.layer_windows):
-                raise InvalidParameterError("head-adaptive contexts of sliding-window models cannot be stored")
+                raise InvalidParameterError(
+                    "head-adaptive contexts of sliding-window models cannot be stored"
+                )
             shape = (pool.args.n_kv_heads, state.fill)
             entries = [pool.flat_entries(layer, slot) for layer in range(pool.args.n_layers)]
-            return cls(fingerprint, policy, n_tokens, state.next_pos, state.written, state.fill,
-                       [k.reshape(*shape, -1).clone() for k, _, _, _ in entries],
-                       [v.reshape(*shape, -1).clone() for _, v, _, _ in entries],
-                       [p.reshape(shape).clone() for _, _, p, _ in entries],
-                       heads=[h.reshape(shape).clone() for _, _, _, h in entries])
+            return cls(
+                fingerprint,
+                policy,
+                n_tokens,
+                state.next_pos,
+                state.written,
+                state.fill,
+                [k.reshape(*shape, -1).clone() for k, _, _, _ in entries],
+                [v.reshape(*shape, -1).clone() for _, v, _, _ in entries],
+                [p.reshape(shape).clone() for _, _, p, _ in entries],
+                heads=[h.reshape(shape).clone() for _, _, _, h in entries],
+            )
         entries = [pool.layer_entries(layer, slot) for layer in range(pool.args.n_layers)]
-        return cls(fingerprint, policy, n_tokens, state.next_pos, state.written, state.fill,
-                   [k.clone() for k, _, _ in entries], [v.clone() for _, v, _ in entries],
-                   [p.clone() for _, _, p in entries])
+        return cls(
+            fingerprint,
+            policy,
+            n_tokens,
+            state.next_pos,
+            state.written,
+            state.fill,
+            [k.clone() for k, _, _ in entries],
+            [v.clone() for _, v, _ in entries],
+            [p.clone() for _, _, p in entries],
+        )
 
     def load_into(self, pool: KVPool, slot: int) -> None:
         state = pool.slots[slot]
@@ -80,12 +99,23 @@ class CompressedContext:
         path = Path(path)
         tensors = {}
         for i, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
-            tensors[f"k.{i}"], tensors[f"v.{i}"], tensors[f"pos.{i}"] = k.contiguous(), v.contiguous(), p.contiguous()
+            tensors[f"k.{i}"], tensors[f"v.{i}"], tensors[f"pos.{i}"] = (
+                k.contiguous(),
+                v.contiguous(),
+                p.contiguous(),
+            )
             if self.heads is not None:
                 tensors[f"heads.{i}"] = self.heads[i].contiguous()
-        header = {"format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint, "policy": self.policy,
-                  "n_context_tokens": self.n_context_tokens, "next_pos": self.next_pos, "written": self.written,
-                  "fill": self.fill, "meta": self.meta}
+        header = {
+            "format_version": FORMAT_VERSION,
+            "model_fingerprint": self.model_fingerprint,
+            "policy": self.policy,
+            "n_context_tokens": self.n_context_tokens,
+            "next_pos": self.next_pos,
+            "written": self.written,
+            "fill": self.fill,
+            "meta": self.meta,
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -116,7 +146,16 @@ class CompressedContext:
                 f"used with {expected_fingerprint}"
             )
         n = len([k for k in tensors if k.startswith("k.")])
-        return cls(header["model_fingerprint"], header["policy"], header["n_context_tokens"], header["next_pos"],
-                   header["written"], header["fill"], [tensors[f"k.{i}"] for i in range(n)],
-                   [tensors[f"v.{i}"] for i in range(n)], [tensors[f"pos.{i}"] for i in range(n)], header["meta"],
-                   [tensors[f"heads.{i}"] for i in range(n)] if "heads.0" in tensors else None)
+        return cls(
+            header["model_fingerprint"],
+            header["policy"],
+            header["n_context_tokens"],
+            header["next_pos"],
+            header["written"],
+            header["fill"],
+            [tensors[f"k.{i}"] for i in range(n)],
+            [tensors[f"v.{i}"] for i in range(n)],
+            [tensors[f"pos.{i}"] for i in range(n)],
+            header["meta"],
+            [tensors[f"heads.{i}"] for i in range(n)] if "heads.0" in tensors else None,
+        )

@@ -38,11 +38,22 @@ class LLM:
     policy's constructor.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, kv_policy: str = "full", kv_budget: int | None = None,
-                 kv_ratio: float | None = None, dtype: str = "float32", max_batch_size: int = 8,
-                 prefill_chunk: int = 4096, threads: int | None = None, progress: bool = True,
-                 loaded: LoadedModel | None = None, draft: str | LLM | None = None, num_draft_tokens: int = 4,
-                 **policy_kwargs):
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        kv_policy: str = "full",
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        dtype: str = "float32",
+        max_batch_size: int = 8,
+        prefill_chunk: int = 4096,
+        threads: int | None = None,
+        progress: bool = True,
+        loaded: LoadedModel | None = None,
+        draft: str | LLM | None = None,
+        num_draft_tokens: int = 4,
+        **policy_kwargs,
+    ):
         if dtype not in DTYPES:
             raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}")
         if threads:
@@ -57,7 +68,11 @@ class LLM:
         if draft is not None:
             from longserve.spec import SpeculativeDecoder
 
-            draft_llm = draft if isinstance(draft, LLM) else LLM(draft, dtype=dtype, threads=threads, progress=progress)
+            draft_llm = (
+                draft
+                if isinstance(draft, LLM)
+                else LLM(draft, dtype=dtype, threads=threads, progress=progress)
+            )
             self.speculative = SpeculativeDecoder(self, draft_llm, k=num_draft_tokens)
 
     # ---- prompts -------------------------------------------------------------------------------
@@ -77,8 +92,11 @@ class LLM:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if not self.tokenizer.chat_template:
             raise InvalidParameterError("this model has no chat template: pass raw text instead of messages")
-        return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"])
+        return list(
+            self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
 
     def split_chat(self, context: str, question: str, sep: str = "\n\n") -> tuple[list[int], list[int]]:
         """Token ids of (everything up to the end of the context, the rest) for one user turn that reads
@@ -86,8 +104,10 @@ class LLM:
         marker = "\u2063LONGSERVE_SPLIT\u2063"
         if self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{context}{marker}{sep}{question}"}], add_generation_prompt=True,
-                tokenize=False)
+                [{"role": "user", "content": f"{context}{marker}{sep}{question}"}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
         else:
             text = f"{context}{marker}{sep}{question}\n"
         head, tail = text.split(marker)
@@ -107,21 +127,54 @@ class LLM:
 
     # ---- generation ----------------------------------------------------------------------------
     def _engine(self, n_slots: int, capacity: int) -> LLMEngine:
-        return LLMEngine(self.loaded, n_slots, capacity, max_tokens=self.context_window,
-                         prefill_chunk=self.prefill_chunk, dtype=self.dtype)
+        return LLMEngine(
+            self.loaded,
+            n_slots,
+            capacity,
+            max_tokens=self.context_window,
+            prefill_chunk=self.prefill_chunk,
+            dtype=self.dtype,
+        )
 
-    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
-                 progress: bool = False, **policy_kwargs) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        progress: bool = False,
+        **policy_kwargs,
+    ) -> list[Completion]:
         """Generate for a batch of prompts; sequences are decoded together, up to `max_batch_size`."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
         if self.speculative:
-            return [self.speculative.generate(p, max_new_tokens, temperature, top_p, top_k, seed, stop, kv_policy,
-                                              kv_budget, kv_ratio, **policy_kwargs) for p in batch]
+            return [
+                self.speculative.generate(
+                    p,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    top_k,
+                    seed,
+                    stop,
+                    kv_policy,
+                    kv_budget,
+                    kv_ratio,
+                    **policy_kwargs,
+                )
+                for p in batch
+            ]
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         encoded = [self.encode(p) for p in batch]
@@ -136,18 +189,48 @@ class LLM:
                 bar.update(sum(s.prefilled + len(s.output_ids) for s in seqs) - before)
         return [Completion(s.text, s.output_ids, s.prompt_len, s.finish_reason, s.stats()) for s in seqs]
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-               kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
-               prefix: CompressedContext | None = None, **policy_kwargs) -> Iterator[StepOutput]:
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        prefix: CompressedContext | None = None,
+        **policy_kwargs,
+    ) -> Iterator[StepOutput]:
         """Yield text pieces as they are generated; the last output has `finished=True` and the stats."""
         if self.speculative and prefix is None:
-            yield from self.speculative.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                                               kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+            yield from self.speculative.stream(
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                kv_policy,
+                kv_budget,
+                kv_ratio,
+                **policy_kwargs,
+            )
             return
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = FullPolicy() if prefix is not None else self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) else self.encode(prompt)
+        policy = (
+            FullPolicy()
+            if prefix is not None
+            else self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+        )
+        ids = (
+            prompt
+            if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
+            else self.encode(prompt)
+        )
         capacity = policy.capacity(len(ids), max_new_tokens) + (prefix.fill if prefix is not None else 0)
         engine = self._engine(1, capacity)
         engine.add_request(ids, params, policy, prefix=prefix)
@@ -155,8 +238,14 @@ class LLM:
             yield from engine.step()
 
     # ---- compress once, ask many ---------------------------------------------------------------
-    def compress(self, context: str | list[int], kv_policy: str | Policy | None = None, kv_budget: int | None = None,
-                 kv_ratio: float | None = None, **policy_kwargs) -> CompressedContext:
+    def compress(
+        self,
+        context: str | list[int],
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        **policy_kwargs,
+    ) -> CompressedContext:
         """Compress a context before any question is known (query-agnostic). With a chat model the
         context is the opening of a user turn; `ask()` appends the question and the turn's end."""
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)

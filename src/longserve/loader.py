@@ -40,20 +40,28 @@ def load_state(model: CausalLM, path: Path) -> None:
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise CorruptModelError(f"no *.safetensors weights in {path}; re-pull the model (`longserve models pull NAME --force`)")
+        raise CorruptModelError(
+            f"no *.safetensors weights in {path}; re-pull the model (`longserve models pull NAME --force`)"
+        )
     state = {}
     for f in files:
         try:
             state.update(load_file(f))
         except Exception as exc:  # safetensors raises its own error types for truncated files
-            raise CorruptModelError(f"cannot read {f.name} ({exc}); re-pull with `longserve models pull NAME --force`") from None
-    state = {k.removeprefix("model.language_model.").removeprefix("language_model."): v for k, v in state.items()}
+            raise CorruptModelError(
+                f"cannot read {f.name} ({exc}); re-pull with `longserve models pull NAME --force`"
+            ) from None
+    state = {
+        k.removeprefix("model.language_model.").removeprefix("language_model."): v for k, v in state.items()
+    }
     state = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.args.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing:
-        raise CorruptModelError(f"weights in {path} lack {len(missing)} tensors (e.g. {missing[0]}); re-pull the model")
+        raise CorruptModelError(
+            f"weights in {path} lack {len(missing)} tensors (e.g. {missing[0]}); re-pull the model"
+        )
 
 
 def eos_ids(path: Path, tokenizer, hf_config) -> tuple[int, ...]:

@@ -17,7 +17,14 @@ from longserve.llm import LLM
 from longserve.loader import build_model, load_state
 from tests.tiny import tiny_loaded
 
-PROMPTS = ["def add(a, b):", "for i in range(", "import numpy as", "class Stack:", "while x > 0:", "return [y for"]
+PROMPTS = [
+    "def add(a, b):",
+    "for i in range(",
+    "import numpy as",
+    "class Stack:",
+    "while x > 0:",
+    "return [y for",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,9 @@ def fresh_draft():
 # ---- prompts ---------------------------------------------------------------------------------------
 def test_read_prompts_reports_every_bad_line(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "ok"}\n\n{"prompt": \n["x"]\n{"text": "no prompt"}\n{"prompt": ""}\n{"prompt": "fine"}\n')
+    f.write_text(
+        '{"prompt": "ok"}\n\n{"prompt": \n["x"]\n{"text": "no prompt"}\n{"prompt": ""}\n{"prompt": "fine"}\n'
+    )
     with pytest.raises(DistillDataError) as err:
         read_prompts(f)
     msg = str(err.value)
@@ -82,7 +91,12 @@ def test_teacher_data_is_compact_and_round_trips(teacher, tmp_path):
     back = TeacherData.load(path)
     assert back.meta == teacher.meta
     for a, b in zip(back.examples, teacher.examples, strict=True):
-        assert (a.prompt, a.prompt_ids, a.answer_ids, a.answer) == (b.prompt, b.prompt_ids, b.answer_ids, b.answer)
+        assert (a.prompt, a.prompt_ids, a.answer_ids, a.answer) == (
+            b.prompt,
+            b.prompt_ids,
+            b.answer_ids,
+            b.answer,
+        )
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
 
 
@@ -94,8 +108,9 @@ def test_training_lowers_the_loss_to_the_target(teacher, mode, lora):
     embed = model.model.embed_tokens.weight.clone()
     before = evaluate(model, teacher, mode)
     epochs = 10 if lora else 6
-    config = TrainConfig(mode=mode, lora=lora, lora_r=8, lora_alpha=16, lr=1e-2 if lora else 5e-3, epochs=epochs,
-                         batch_size=2)
+    config = TrainConfig(
+        mode=mode, lora=lora, lora_r=8, lora_alpha=16, lr=1e-2 if lora else 5e-3, epochs=epochs, batch_size=2
+    )
     result = train(model, teacher, config, progress=False)
     assert result.steps == 2 * epochs and len(result.losses) == result.steps
     if lora:
@@ -111,8 +126,13 @@ def test_training_lowers_the_loss_to_the_target(teacher, mode, lora):
 def test_disk_full_during_checkpoint_keeps_the_previous_one(teacher, tmp_path, monkeypatch):
     draft, _ = fresh_draft()
     config = TrainConfig(lr=1e-3, epochs=2, batch_size=2, checkpoint_every=1)
-    first = train(draft.loaded.model, teacher, config.__class__(**{**config.__dict__, "max_steps": 2}),
-                  tmp_path, progress=False)
+    first = train(
+        draft.loaded.model,
+        teacher,
+        config.__class__(**{**config.__dict__, "max_steps": 2}),
+        tmp_path,
+        progress=False,
+    )
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
     assert saved["step"] == first.steps == 2
     real_save = torch.save
@@ -125,8 +145,13 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(teacher, tmp_path, m
     monkeypatch.setattr(torch, "save", full_disk)
     draft2, _ = fresh_draft()
     with pytest.raises(DistillError, match="disk full.*previous checkpoint .* is intact"):
-        train(draft2.loaded.model, teacher, TrainConfig(lr=1e-3, epochs=2, batch_size=2, checkpoint_every=1),
-              tmp_path, progress=False)
+        train(
+            draft2.loaded.model,
+            teacher,
+            TrainConfig(lr=1e-3, epochs=2, batch_size=2, checkpoint_every=1),
+            tmp_path,
+            progress=False,
+        )
     monkeypatch.setattr(torch, "save", real_save)
     kept = torch.load(tmp_path / CHECKPOINT, weights_only=False)
     assert kept["step"] == 2 and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
@@ -156,7 +181,14 @@ def test_resume_continues_from_the_checkpoint(teacher, tmp_path, monkeypatch):
     for a, b in zip(resumed.loaded.model.parameters(), full.loaded.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(DistillError, match="other training settings"):
-        train(fresh_draft()[0].loaded.model, teacher, TrainConfig(lr=2e-3), tmp_path, resume=True, progress=False)
+        train(
+            fresh_draft()[0].loaded.model,
+            teacher,
+            TrainConfig(lr=2e-3),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_whitebox_needs_topk(target):
@@ -182,17 +214,30 @@ def test_export_registers_a_zoo_model(tmp_path, monkeypatch):
 
     again = build_model(AutoConfig.from_pretrained(path))
     load_state(again, path)
-    for (name, a), b in zip(draft.loaded.model.state_dict().items(), again.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        draft.loaded.model.state_dict().items(), again.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
 def test_pipeline_end_to_end(target, tmp_path, monkeypatch):
     monkeypatch.setenv("LONGSERVE_HOME", str(tmp_path / "home"))
     draft, config = fresh_draft()
-    report = run_distill(target, draft, "tiny-code-draft", tmp_path / "work", prompts=PROMPTS, held_out=2,
-                         max_new_tokens=8, config=TrainConfig(lr=1e-3, epochs=3, batch_size=2, lora=True, lora_r=4),
-                         eval_max_new_tokens=6, eval_k=2, general_prompts=["hello there"], draft_hf_config=config,
-                         progress=False)
+    report = run_distill(
+        target,
+        draft,
+        "tiny-code-draft",
+        tmp_path / "work",
+        prompts=PROMPTS,
+        held_out=2,
+        max_new_tokens=8,
+        config=TrainConfig(lr=1e-3, epochs=3, batch_size=2, lora=True, lora_r=4),
+        eval_max_new_tokens=6,
+        eval_k=2,
+        general_prompts=["hello there"],
+        draft_hf_config=config,
+        progress=False,
+    )
     assert report["data"]["train_prompts"] == 4 and report["data"]["held_out_prompts"] == 2
     assert report["after"]["train_kl"] < report["before"]["train_kl"]
     for when in ("before", "after"):
@@ -208,8 +253,22 @@ def test_cli_registers_distill():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["distill", "--target", "t", "--draft", "d", "--name", "n", "--domain", "python",
-                              "--lora", "--mode", "blackbox"])
+    args = parser.parse_args(
+        [
+            "distill",
+            "--target",
+            "t",
+            "--draft",
+            "d",
+            "--name",
+            "n",
+            "--domain",
+            "python",
+            "--lora",
+            "--mode",
+            "blackbox",
+        ]
+    )
     assert args.lora and args.mode == "blackbox" and args.func.__name__ == "cmd_distill"
     with pytest.raises(SystemExit):
         parser.parse_args(["distill", "--target", "t", "--draft", "d", "--name", "n"])  # no prompts source

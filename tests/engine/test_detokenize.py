@@ -29,7 +29,7 @@ def whole_output_reference(tok, ids: list[int], params: SamplingParams, eos: int
             cut = current.find(stop)
             if cut != -1:
                 current, reason = current[:cut], "stop"
-        pieces.append(current[len(text):])
+        pieces.append(current[len(text) :])
         text = current
         if reason or k >= params.max_new_tokens:
             break
@@ -53,7 +53,9 @@ def test_streamed_pieces_equal_whole_output_decoding(tokenizer):
     llm = LLM(loaded=loaded)
     params = SamplingParams(max_new_tokens=160, ignore_eos=True)
     ids, pieces, text = run(llm, params)
-    expected_pieces, expected_text = whole_output_reference(tokenizer, ids, params, ByteTokenizer.eos_token_id)
+    expected_pieces, expected_text = whole_output_reference(
+        tokenizer, ids, params, ByteTokenizer.eos_token_id
+    )
     assert pieces == expected_pieces and text == expected_text == "".join(pieces)
     if type(tokenizer) is ByteTokenizer:
         assert "\ufffd" in text  # random bytes: invalid and split UTF-8 sequences were exercised
@@ -62,6 +64,8 @@ def test_streamed_pieces_equal_whole_output_decoding(tokenizer):
     stop = text[len(text) // 2 - 3 : len(text) // 2 + 3]
     cut_params = SamplingParams(max_new_tokens=160, ignore_eos=True, stop=[stop, "never-generated"])
     cut_ids, cut_pieces, cut_text = run(llm, cut_params)
-    expected_pieces, expected_text = whole_output_reference(tokenizer, cut_ids, cut_params, ByteTokenizer.eos_token_id)
+    expected_pieces, expected_text = whole_output_reference(
+        tokenizer, cut_ids, cut_params, ByteTokenizer.eos_token_id
+    )
     assert cut_text == expected_text == text[: text.find(stop)]
     assert cut_pieces[:-1] == expected_pieces[:-1] and len(cut_ids) < len(ids)

@@ -8,7 +8,7 @@ from tests.tiny import FAMILIES, tiny_loaded
 def hf_greedy(ref, ids, n):
     ids_t = torch.tensor([ids])
     out = ref.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def prompt(seed, n):
@@ -46,8 +46,11 @@ def test_bfloat16_halves_kv_bytes_and_tracks_float32():
     half.model = copy.deepcopy(loaded.model).to(torch.bfloat16)
     fp32, bf16 = LLM(loaded=loaded), LLM(loaded=half, dtype="bfloat16")
     ids = prompt(7, 150)
-    for policy in (make_policy("full"), make_policy("snapstream", budget=48, window=8),
-                   make_policy("snapkv", budget=48, window=8, head_adaptive=True)):
+    for policy in (
+        make_policy("full"),
+        make_policy("snapstream", budget=48, window=8),
+        make_policy("snapkv", budget=48, window=8, head_adaptive=True),
+    ):
         outs = []
         for llm in (fp32, bf16):
             engine = llm._engine(1, policy.capacity(150, 4))

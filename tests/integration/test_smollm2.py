@@ -15,9 +15,12 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 def passkey_prompt(key: int, n_filler: int, depth: float) -> str:
     parts = [FILLER] * n_filler
     parts.insert(int(n_filler * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there.\n" + "".join(parts)
-            + "\nWhat is the pass key? The pass key is")
+    return (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        "I will quiz you about the important information there.\n"
+        + "".join(parts)
+        + "\nWhat is the pass key? The pass key is"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,12 @@ def test_full_matches_transformers_greedy(llm):
     ref = AutoModelForCausalLM.from_pretrained(llm.loaded.path).eval()
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     ids = llm.encode(msgs)
-    expected = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    expected = ref.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=12,
+        do_sample=False,
+    )[0, len(ids) :].tolist()
     out = llm.generate(msgs, max_new_tokens=12)[0]
     assert out.token_ids == expected[: len(out.token_ids)]
     assert "Paris" in out.text
@@ -48,23 +55,29 @@ def test_passkey_full_attention_1k(llm):
     assert sum(str(k) in o.text for k, o in zip(keys, outs, strict=True)) >= 2
 
 
-@pytest.mark.parametrize("policy, head_adaptive", [("snapkv", False), ("sage", False), ("snapstream", False),
-                                                   ("snapstream", True)])
+@pytest.mark.parametrize(
+    "policy, head_adaptive", [("snapkv", False), ("sage", False), ("snapstream", False), ("snapstream", True)]
+)
 def test_needle_survives_compression_at_budget_256(llm, policy, head_adaptive):
     key = 60494
     prompt = passkey_prompt(key, 80, 0.5)  # ~2k tokens, needle in the middle
     full = llm.generate(prompt, max_new_tokens=8)[0]
     assert str(key) in full.text
-    out = llm.generate(prompt, max_new_tokens=8, kv_policy=policy, kv_budget=256, head_adaptive=head_adaptive)[0]
+    out = llm.generate(
+        prompt, max_new_tokens=8, kv_policy=policy, kv_budget=256, head_adaptive=head_adaptive
+    )[0]
     assert str(key) in out.text, out.text
     assert out.stats["kv_bytes_allocated"] == 256 * llm.loaded.args.kv_bytes_per_token() * (
-        1 if policy != "snapkv" else (256 + 8) / 256)
+        1 if policy != "snapkv" else (256 + 8) / 256
+    )
 
 
 def test_streaming_loses_the_middle_needle(llm):
     """The expected, documented difference: sinks + recent window cannot see the middle."""
     key = 60494
-    out = llm.generate(passkey_prompt(key, 80, 0.5), max_new_tokens=8, kv_policy="streaming", kv_budget=256)[0]
+    out = llm.generate(passkey_prompt(key, 80, 0.5), max_new_tokens=8, kv_policy="streaming", kv_budget=256)[
+        0
+    ]
     assert str(key) not in out.text
 
 
@@ -83,9 +96,24 @@ def test_compress_once_ask_many(llm, tmp_path):
 
 
 def test_cli_generate_streams_and_reports(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "longserve.cli", "generate", "What is 2+2?", "--max-new-tokens", "8",
-                           "--kv-policy", "snapstream", "--kv-budget", "64"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "longserve.cli",
+            "generate",
+            "What is 2+2?",
+            "--max-new-tokens",
+            "8",
+            "--kv-policy",
+            "snapstream",
+            "--kv-budget",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "TTFT" in proc.stderr and "tok/s" in proc.stderr and "KV snapstream" in proc.stderr
 
@@ -93,8 +121,12 @@ def test_cli_generate_streams_and_reports(tmp_path):
 def test_cli_prompt_longer_than_window(tmp_path):
     long = tmp_path / "long.txt"
     long.write_text("word " * 9000)
-    proc = subprocess.run([sys.executable, "-m", "longserve.cli", "generate", "--file", str(long), "--raw"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "longserve.cli", "generate", "--file", str(long), "--raw"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "context window of 8192 tokens" in proc.stderr
 

@@ -72,7 +72,10 @@ def test_decode_equals_a_full_cache_masked_per_head(llm, name):
 def test_budget_at_least_prompt_equals_full(llm, name):
     ids = prompt(12, 40)
     full = run(llm, ids, make_policy("full"))
-    assert run(llm, ids, make_policy(name, budget=64, window=8, head_adaptive=True)).output_ids == full.output_ids
+    assert (
+        run(llm, ids, make_policy(name, budget=64, window=8, head_adaptive=True)).output_ids
+        == full.output_ids
+    )
 
 
 def test_ring_decode_keeps_the_budget(llm):
@@ -85,13 +88,19 @@ def test_ring_decode_keeps_the_budget(llm):
 
 def test_mixed_batch_equals_separate_runs(llm):
     """Flat (adaptive) and per-head slots decode together without disturbing each other."""
-    policies = [make_policy("snapkv", budget=40, window=8, head_adaptive=True), make_policy("snapkv", budget=40, window=8),
-                make_policy("sage", budget=40, window=8, head_adaptive=True), make_policy("full")]
+    policies = [
+        make_policy("snapkv", budget=40, window=8, head_adaptive=True),
+        make_policy("snapkv", budget=40, window=8),
+        make_policy("sage", budget=40, window=8, head_adaptive=True),
+        make_policy("full"),
+    ]
     prompts = [prompt(20 + i, 120) for i in range(len(policies))]
     alone = [run(llm, ids, p, n=6).output_ids for ids, p in zip(prompts, policies, strict=True)]
     engine = llm._engine(len(policies), 130)
-    seqs = [engine.add_request(ids, SamplingParams(max_new_tokens=6, ignore_eos=True), p)
-            for ids, p in zip(prompts, policies, strict=True)]
+    seqs = [
+        engine.add_request(ids, SamplingParams(max_new_tokens=6, ignore_eos=True), p)
+        for ids, p in zip(prompts, policies, strict=True)
+    ]
     while engine.has_unfinished():
         engine.step()
     assert [s.output_ids for s in seqs] == alone
@@ -107,21 +116,29 @@ def test_compressed_context_round_trip_and_ask(llm, tmp_path):
     answer = [o.seq.output_ids for o in llm.stream(q_ids, max_new_tokens=4, prefix=ctx, ignore_eos=True)][-1]
     ctx.save(tmp_path / "c.safetensors")
     loaded = CompressedContext.load(tmp_path / "c.safetensors", llm.fingerprint)
-    again = [o.seq.output_ids for o in llm.stream(q_ids, max_new_tokens=4, prefix=loaded, ignore_eos=True)][-1]
+    again = [o.seq.output_ids for o in llm.stream(q_ids, max_new_tokens=4, prefix=loaded, ignore_eos=True)][
+        -1
+    ]
     assert again == answer
-    keep = [[ctx.positions[layer].flatten()[ctx.heads[layer].flatten() == h].sort().values
-             for h in range(args.n_kv_heads)] for layer in range(args.n_layers)]
+    keep = [
+        [
+            ctx.positions[layer].flatten()[ctx.heads[layer].flatten() == h].sort().values
+            for h in range(args.n_kv_heads)
+        ]
+        for layer in range(args.n_layers)
+    ]
     ref = MaskedReference(keep, 100).logits(llm.loaded.model, ctx_ids + q_ids + answer[:-1])
-    assert ref[100 + len(q_ids) - 1:].argmax(-1).tolist() == answer
+    assert ref[100 + len(q_ids) - 1 :].argmax(-1).tolist() == answer
     # the question's own logits, read straight from the backend, equal the reference's
     pool = KVPool(args, 1, 120)
     slot = pool.allocate(make_policy("full"))
     loaded.load_into(pool, slot)
     positions = torch.arange(100, 100 + len(q_ids))
     with torch.no_grad():
-        got = llm.loaded.model(torch.tensor([q_ids]), positions[None], PrefillBackend(pool, slot, positions),
-                               last_only=False)[0]
-    torch.testing.assert_close(got, ref[100: 100 + len(q_ids)], atol=1e-4, rtol=1e-4)
+        got = llm.loaded.model(
+            torch.tensor([q_ids]), positions[None], PrefillBackend(pool, slot, positions), last_only=False
+        )[0]
+    torch.testing.assert_close(got, ref[100 : 100 + len(q_ids)], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["h2o", "streaming", "quest", "full"])

@@ -78,13 +78,14 @@ class MaskedReference:
         for h, kept in enumerate(self.keep[layer]):
             visible = torch.zeros(t, dtype=torch.bool)
             visible[kept] = True
-            visible[self.n_prompt:] = True
+            visible[self.n_prompt :] = True
             mask[h] = causal & visible
         mask[:, : self.n_prompt] = causal[: self.n_prompt]  # prompt rows as in prefill
         group = q.shape[1] // k.shape[1]
         mask = mask.repeat_interleave(group, 0)[None]
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                                              attn_mask=mask, scale=0.25)
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=0.25
+        )
 
     def logits(self, model, ids: list[int]) -> torch.Tensor:
         """[T, V] logits of every position of `ids` under this masking."""
@@ -126,20 +127,33 @@ def test_finished_sequence_frees_its_slot_at_once(llm):
     assert engine.pool.n_free == 1 and all(s is None for s in engine.pool.slots)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "nope"}, "unknown kv policy"),
-    ({"name": "snapkv", "budget": 0}, "budget must be > 0"),
-    ({"name": "snapkv", "ratio": 1.5}, "ratio must be in (0, 1]"),
-    ({"name": "snapkv", "budget": 16, "window": 32}, "exceed the kv budget"),
-    ({"name": "snapkv"}, "exactly one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "nope"}, "unknown kv policy"),
+        ({"name": "snapkv", "budget": 0}, "budget must be > 0"),
+        ({"name": "snapkv", "ratio": 1.5}, "ratio must be in (0, 1]"),
+        ({"name": "snapkv", "budget": 16, "window": 32}, "exceed the kv budget"),
+        ({"name": "snapkv"}, "exactly one of"),
+    ],
+)
 def test_bad_policy_parameters(kwargs, message):
     with pytest.raises(InvalidParameterError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_policy(kwargs.pop("name"), **kwargs)
 
 
 def test_registry_lists_all_policies():
-    assert set(REGISTRY) == {"full", "streaming", "snapkv", "sage", "snapstream", "h2o", "quest", "knorm", "random"}
+    assert set(REGISTRY) == {
+        "full",
+        "streaming",
+        "snapkv",
+        "sage",
+        "snapstream",
+        "h2o",
+        "quest",
+        "knorm",
+        "random",
+    }
 
 
 def test_quest_reads_fewer_bytes_but_holds_all(llm):

@@ -31,17 +31,40 @@ def fake_upstream() -> FastAPI:
         app.state.requests.append({"body": body, "headers": dict(request.headers)})
         prompt = _prompt_text(body)
         if "ERROR418" in prompt:
-            return JSONResponse({"error": {"message": "I'm a teapot", "type": "invalid_request_error",
-                                           "param": None, "code": "teapot"}}, status_code=418)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "I'm a teapot",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "teapot",
+                    }
+                },
+                status_code=418,
+            )
         if "PLAINERROR" in prompt:
             return PlainTextResponse("upstream exploded", status_code=500)
         summary = json.dumps({"chars": len(prompt), "keys": sorted(body), "tail": prompt[-30:]})
-        usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 3, "total_tokens": len(prompt) // 4 + 3}
+        usage = {
+            "prompt_tokens": len(prompt) // 4,
+            "completion_tokens": 3,
+            "total_tokens": len(prompt) // 4 + 3,
+        }
         kind = "chat.completion" if chat else "text_completion"
         if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": summary}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": summary, "finish_reason": "stop"})
-            return {"id": "x", "object": kind, "created": 0, "model": "fake", "choices": [choice], "usage": usage}
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": summary}, "finish_reason": "stop"}
+                if chat
+                else {"index": 0, "text": summary, "finish_reason": "stop"}
+            )
+            return {
+                "id": "x",
+                "object": kind,
+                "created": 0,
+                "model": "fake",
+                "choices": [choice],
+                "usage": usage,
+            }
 
         def events():
             for piece in (summary[:10], summary[10:]):

@@ -40,14 +40,23 @@ class LiveServer(BackgroundServer):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pool = engine.engine.pool
-            spec_idle = spec is None or (not spec._requests and not spec._pending and spec._current is None
-                                         and spec.num_waiting == 0)
-            if (not engine._requests and not engine.engine.sequences and not engine.engine.has_unfinished()
-                    and pool.n_free == pool.n_slots and engine.num_waiting == 0 and spec_idle):
+            spec_idle = spec is None or (
+                not spec._requests and not spec._pending and spec._current is None and spec.num_waiting == 0
+            )
+            if (
+                not engine._requests
+                and not engine.engine.sequences
+                and not engine.engine.has_unfinished()
+                and pool.n_free == pool.n_slots
+                and engine.num_waiting == 0
+                and spec_idle
+            ):
                 return
             time.sleep(0.02)
-        raise AssertionError(f"engine not idle: {len(engine._requests)} requests, "
-                             f"{len(engine.engine.sequences)} sequences, {engine.engine.pool.n_free} free slots")
+        raise AssertionError(
+            f"engine not idle: {len(engine._requests)} requests, "
+            f"{len(engine.engine.sequences)} sequences, {engine.engine.pool.n_free} free slots"
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,12 +7,24 @@ from concurrent.futures import ThreadPoolExecutor
 from longserve.llm import LLM
 from longserve.server.kv_plan import plan_kv
 
-PROMPTS = ["alpha", "a much longer prompt that needs more prefill", "x", "the quick brown fox", "0123456789", "zz"]
+PROMPTS = [
+    "alpha",
+    "a much longer prompt that needs more prefill",
+    "x",
+    "the quick brown fox",
+    "0123456789",
+    "zz",
+]
 
 
 def _complete(client, prompt: str, max_tokens: int = 16, ignore_eos: bool = False):
-    r = client.completions.create(model="tiny-llama", prompt=prompt, temperature=0, max_tokens=max_tokens,
-                                  extra_body={"ignore_eos": ignore_eos})
+    r = client.completions.create(
+        model="tiny-llama",
+        prompt=prompt,
+        temperature=0,
+        max_tokens=max_tokens,
+        extra_body={"ignore_eos": ignore_eos},
+    )
     return r.choices[0].text, r.usage.completion_tokens
 
 
@@ -43,9 +55,13 @@ def test_memory_admission_never_runs_more_sequences_than_slots(serve):
 def test_per_request_kv_policy_must_fit_the_slot(serve):
     prompt = "long context " * 16  # 208 byte-tokens, beyond a 64-token budget
     with serve(max_model_len=512) as s:  # full by default: a snapstream request fits its 512-token slot
-        r = s.client().completions.create(model="tiny-llama", prompt=prompt, temperature=0, max_tokens=8,
-                                          extra_body={"ignore_eos": True,
-                                                      "kv_policy": {"name": "snapstream", "budget": 64}})
+        r = s.client().completions.create(
+            model="tiny-llama",
+            prompt=prompt,
+            temperature=0,
+            max_tokens=8,
+            extra_body={"ignore_eos": True, "kv_policy": {"name": "snapstream", "budget": 64}},
+        )
         stats = r.model_extra["longserve"]
         # the prompt is compressed to the budget; in a slot larger than its budget the engine's ring
         # currently wraps at the slot's capacity, so decoded tokens may be appended on top
@@ -63,7 +79,8 @@ def test_snapstream_default_multiplies_capacity(serve, loaded):
         r = client.completions.create(model="tiny-llama", prompt="y" * 300, temperature=0, max_tokens=4)
         assert r.model_extra["longserve"]["kv_tokens_final"] == 64
         # `full` for a long prompt needs more than the 64-token slot: rejected up front, nothing queued
-        resp = s.http.post("/v1/completions", json={"prompt": "y" * 300, "max_tokens": 4,
-                                                    "kv_policy": {"name": "full"}})
+        resp = s.http.post(
+            "/v1/completions", json={"prompt": "y" * 300, "max_tokens": 4, "kv_policy": {"name": "full"}}
+        )
         assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
         s.wait_idle()

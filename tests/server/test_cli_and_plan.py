@@ -13,10 +13,16 @@ from longserve.server.kv_plan import KVMemory, parse_kv_memory, plan_kv
 from tests.tiny import tiny_loaded
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("4GiB", KVMemory(4 * 1024**3, "bytes")), ("512MB", KVMemory(512 * 10**6, "bytes")),
-    ("1.5 kib", KVMemory(1536, "bytes")), ("65536tok", KVMemory(65536, "tokens")), (1000, KVMemory(1000, "bytes")),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GiB", KVMemory(4 * 1024**3, "bytes")),
+        ("512MB", KVMemory(512 * 10**6, "bytes")),
+        ("1.5 kib", KVMemory(1536, "bytes")),
+        ("65536tok", KVMemory(65536, "tokens")),
+        (1000, KVMemory(1000, "bytes")),
+    ],
+)
 def test_parse_kv_memory(text, expected):
     assert parse_kv_memory(text) == expected
 
@@ -60,8 +66,23 @@ def test_cmd_serve_builds_the_app_with_env_api_key(monkeypatch, loaded):
     monkeypatch.setattr("longserve.llm.LLM", lambda model, **kw: LLM(loaded=loaded, **kw))
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("LONGSERVE_API_KEY", "from-env")
-    args = _parser().parse_args(["serve", "--kv-policy", "snapstream", "--kv-budget", "64", "--max-model-len",
-                                 "1024", "--max-kv-memory", "256tok", "--port", "8123", "--log-level", "warning"])
+    args = _parser().parse_args(
+        [
+            "serve",
+            "--kv-policy",
+            "snapstream",
+            "--kv-budget",
+            "64",
+            "--max-model-len",
+            "1024",
+            "--max-kv-memory",
+            "256tok",
+            "--port",
+            "8123",
+            "--log-level",
+            "warning",
+        ]
+    )
     assert args.func(args) == 0
     state = seen["app"].state.server
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)

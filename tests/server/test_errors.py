@@ -19,26 +19,31 @@ def _error(resp, status: int) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize(("payload", "param"), [
-    ({"messages": MESSAGES, "n": 2}, "n"),
-    ({"messages": MESSAGES, "temperature": -1}, "temperature"),
-    ({"messages": MESSAGES, "top_p": 0}, "top_p"),
-    ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
-    ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
-    ({"messages": []}, "messages"),
-    ({}, "messages"),  # FastAPI's 422 becomes an OpenAI 400
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
-    ({"messages": MESSAGES, "kv_policy": {"name": "nope"}}, "kv_policy"),
-    ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": -1}}, "kv_policy"),
-    ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": 64, "bogus": 1}}, "kv_policy"),
-])
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"messages": MESSAGES, "n": 2}, "n"),
+        ({"messages": MESSAGES, "temperature": -1}, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MESSAGES, "logprobs": True}, "logprobs"),
+        ({"messages": []}, "messages"),
+        ({}, "messages"),  # FastAPI's 422 becomes an OpenAI 400
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+        ({"messages": MESSAGES, "kv_policy": {"name": "nope"}}, "kv_policy"),
+        ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": -1}}, "kv_policy"),
+        ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": 64, "bogus": 1}}, "kv_policy"),
+    ],
+)
 def test_invalid_parameters_are_400(server, payload, param):
     err = _error(server.http.post(CHAT, json=payload), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
 
 
 def test_malformed_json_and_bad_prompts_are_400(server):
-    err = _error(server.http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"}), 400)
+    err = _error(
+        server.http.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"}), 400
+    )
     assert "JSON" in err["message"]
     _error(server.http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400)  # several prompts
     _error(server.http.post("/v1/completions", json={"prompt": [1, 99999]}), 400)  # out of vocabulary

@@ -11,8 +11,9 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def test_chat_non_streaming_has_usage_and_stats(server):
-    r = server.client().chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
-                                                **GREEDY)
+    r = server.client().chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "hi"}], **GREEDY
+    )
     choice = r.choices[0]
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny-llama"
     assert choice.message.role == "assistant" and choice.finish_reason in ("length", "stop")
@@ -28,7 +29,9 @@ def test_chat_streaming_matches_non_streaming(server):
     client = server.client()
     kwargs = dict(model="tiny-llama", messages=[{"role": "user", "content": "stream me"}], **GREEDY)
     whole = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -50,15 +53,24 @@ def test_completions_text_and_token_prompts(server):
 
 def test_stop_string_seed_and_model_alias(server):
     client = server.client()
-    base = client.completions.create(model="tiny-llama", prompt="xyz", temperature=0, max_tokens=30,
-                                     extra_body={"ignore_eos": True})
+    base = client.completions.create(
+        model="tiny-llama", prompt="xyz", temperature=0, max_tokens=30, extra_body={"ignore_eos": True}
+    )
     text = base.choices[0].text
     stop = text[3:5]
     if stop and "\ufffd" not in stop:  # a stop string must cut the text where it first appears
-        cut = client.completions.create(model="tiny-llama", prompt="xyz", temperature=0, max_tokens=30, stop=stop)
+        cut = client.completions.create(
+            model="tiny-llama", prompt="xyz", temperature=0, max_tokens=30, stop=stop
+        )
         assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
-    sampled = [client.completions.create(prompt="xyz", model="tiny-llama", temperature=1.0, seed=7, max_tokens=8,
-                                         extra_body={"top_k": 20}).choices[0].text for _ in range(2)]
+    sampled = [
+        client.completions.create(
+            prompt="xyz", model="tiny-llama", temperature=1.0, seed=7, max_tokens=8, extra_body={"top_k": 20}
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]  # same seed, same sample
 
 
@@ -79,7 +91,9 @@ class TemplateTokenizer(ByteTokenizer):
     def __init__(self):
         self.seen: list[list[dict]] = []
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kw):
+    def apply_chat_template(
+        self, messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kw
+    ):
         self.seen.append(messages)
         text = "".join(f"<|{m['role']}|>{m['content']}" for m in messages) + "<|assistant|>"
         return {"input_ids": self.encode(text)}
@@ -89,8 +103,12 @@ def test_chat_uses_the_tokenizer_chat_template(serve, loaded):
     tokenizer = TemplateTokenizer()
     llm = LLM(loaded=dataclasses.replace(loaded, tokenizer=tokenizer), max_batch_size=2)
     with serve(llm=llm, max_model_len=256) as s:
-        messages = [{"role": "system", "content": "be brief"},
-                    {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-        r = s.client().chat.completions.create(model="tiny-llama", messages=messages, temperature=0, max_tokens=4)
+        messages = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+        r = s.client().chat.completions.create(
+            model="tiny-llama", messages=messages, temperature=0, max_tokens=4
+        )
     assert tokenizer.seen == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]]
     assert r.usage.prompt_tokens == len(b"<|system|>be brief<|user|>ab<|assistant|>")

@@ -16,16 +16,19 @@ LONG = {"max_tokens": 1500, "temperature": 0, "extra_body": {"ignore_eos": True}
 def _metrics(server) -> dict[str, float]:
     """Every sample of /metrics by name (+ sorted labels), parsed with the Prometheus text parser."""
     text = server.http.get("/metrics").text
-    return {name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items())): value
-            for family in text_string_to_metric_families(text)
-            for name, labels, value, *_ in family.samples}
+    return {
+        name + "".join(f"{{{k}={v}}}" for k, v in sorted(labels.items())): value
+        for family in text_string_to_metric_families(text)
+        for name, labels, value, *_ in family.samples
+    }
 
 
 def _cancel_stream(server, i: int) -> None:
     client = server.client()
     if i % 2:
-        stream = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": f"c{i}"}],
-                                                stream=True, **LONG)
+        stream = client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": f"c{i}"}], stream=True, **LONG
+        )
     else:
         stream = client.completions.create(model="tiny-llama", prompt=f"cancel {i}", stream=True, **LONG)
     next(iter(stream))
@@ -45,8 +48,11 @@ def test_100_cancelled_streams_leak_nothing(serve):
 def test_non_streaming_client_disconnect_aborts(serve):
     with serve(max_model_len=2048) as s:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/completions", timeout=0.5,
-                       json={"prompt": "slow", "max_tokens": 2000, "ignore_eos": True})
+            httpx.post(
+                s.url + "/v1/completions",
+                timeout=0.5,
+                json={"prompt": "slow", "max_tokens": 2000, "ignore_eos": True},
+            )
         s.wait_idle()
         assert _metrics(s)["longserve_requests_total{finish_reason=abort}"] == 1
 
@@ -63,16 +69,28 @@ def test_an_exception_in_one_request_fails_only_that_request(serve, monkeypatch)
 
         monkeypatch.setattr(runner, "prefill", broken_prefill)
         client = s.client()
-        expected = client.completions.create(model="tiny-llama", prompt="healthy", max_tokens=20, temperature=0)
+        expected = client.completions.create(
+            model="tiny-llama", prompt="healthy", max_tokens=20, temperature=0
+        )
 
         def poisoned(stream: bool):
             if not stream:
                 return client.completions.create(model="tiny-llama", prompt="POISON", max_tokens=20)
-            return list(client.completions.create(model="tiny-llama", prompt="POISON", max_tokens=20, stream=True))
+            return list(
+                client.completions.create(model="tiny-llama", prompt="POISON", max_tokens=20, stream=True)
+            )
 
         with ThreadPoolExecutor(5) as pool:
-            good = [pool.submit(client.completions.create, model="tiny-llama", prompt="healthy", max_tokens=20,
-                                temperature=0) for _ in range(3)]
+            good = [
+                pool.submit(
+                    client.completions.create,
+                    model="tiny-llama",
+                    prompt="healthy",
+                    max_tokens=20,
+                    temperature=0,
+                )
+                for _ in range(3)
+            ]
             bad = [pool.submit(poisoned, stream) for stream in (False, True)]
             with pytest.raises(openai.InternalServerError, match="injected failure"):
                 bad[0].result()
@@ -98,16 +116,29 @@ def test_a_failing_decode_step_fails_its_batch_and_serving_continues(serve, monk
         with pytest.raises(openai.InternalServerError, match="decode blew up"):
             s.client().completions.create(model="tiny-llama", prompt="a", max_tokens=10)
         s.wait_idle()
-        assert s.client().completions.create(model="tiny-llama", prompt="b", max_tokens=10).usage.completion_tokens
+        assert (
+            s.client()
+            .completions.create(model="tiny-llama", prompt="b", max_tokens=10)
+            .usage.completion_tokens
+        )
 
 
 def test_metrics_parse_and_account_for_requests(serve):
     with serve(max_model_len=256) as s:
         client = s.client()
-        usages = [client.completions.create(model="tiny-llama", prompt=p, max_tokens=6, temperature=0).usage
-                  for p in ("one", "two", "three")]
-        list(client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "s"}],
-                                            max_tokens=5, temperature=0, stream=True))
+        usages = [
+            client.completions.create(model="tiny-llama", prompt=p, max_tokens=6, temperature=0).usage
+            for p in ("one", "two", "three")
+        ]
+        list(
+            client.chat.completions.create(
+                model="tiny-llama",
+                messages=[{"role": "user", "content": "s"}],
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+            )
+        )
         s.wait_idle()
         deadline = time.monotonic() + 5
         while (m := _metrics(s))["longserve_num_requests_running"] and time.monotonic() < deadline:

@@ -20,8 +20,9 @@ LONG = "the quick brown fox jumps over the lazy dog while the cat sleeps. " * 6 
 def sp_server(serve, loaded):
     """The target's own weights as the prefill draft (same tokenizer: original positions); keep 0.5."""
     draft = LLM(loaded=loaded)
-    with serve(spec_prefill=SpeculativePrefill(draft, SpecPrefillConfig(keep=0.5, keep_tail=16)),
-               max_model_len=1024) as s:
+    with serve(
+        spec_prefill=SpeculativePrefill(draft, SpecPrefillConfig(keep=0.5, keep_tail=16)), max_model_len=1024
+    ) as s:
         yield s
 
 
@@ -32,17 +33,24 @@ def _body(**spec) -> dict:
 def test_keep_one_is_the_plain_answer(server, sp_server):
     messages = [{"role": "user", "content": LONG[:300]}]
     plain = server.client().chat.completions.create(model="tiny-llama", messages=messages, **GREEDY)
-    full = sp_server.client().chat.completions.create(model="tiny-llama", messages=messages,
-                                                      **_body(spec_prefill={"keep": 1.0, "draft": "tiny-llama"}))
+    full = sp_server.client().chat.completions.create(
+        model="tiny-llama", messages=messages, **_body(spec_prefill={"keep": 1.0, "draft": "tiny-llama"})
+    )
     assert full.choices[0].message.content == plain.choices[0].message.content
     assert full.usage.prompt_tokens == full.usage.original_prompt_tokens == plain.usage.prompt_tokens
     assert full.model_extra["longserve"]["spec_prefill"]["ratio"] == 1.0
 
     left = LONG[:200]
     expected = server.client().completions.create(model="tiny-llama", prompt=left, **GREEDY).choices[0].text
-    chunks = list(sp_server.client().completions.create(model="tiny-llama", prompt=left, stream=True,
-                                                        stream_options={"include_usage": True},
-                                                        **_body(spec_prefill={"keep": 1})))
+    chunks = list(
+        sp_server.client().completions.create(
+            model="tiny-llama",
+            prompt=left,
+            stream=True,
+            stream_options={"include_usage": True},
+            **_body(spec_prefill={"keep": 1}),
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert chunks[-1].usage.original_prompt_tokens == chunks[-1].usage.prompt_tokens == 200
 
@@ -54,7 +62,9 @@ def test_keep_one_is_the_plain_answer(server, sp_server):
 def test_default_keep_prunes_long_prompts(sp_server):
     client = sp_server.client()
     before = _metrics(sp_server).get("longserve_spec_prefill_requests_total", 0)
-    r = client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": LONG}], **GREEDY)
+    r = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": LONG}], **GREEDY
+    )
     u = r.usage
     assert u.original_prompt_tokens == len(f"user: {LONG}\nassistant: ".encode())
     assert u.prompt_tokens < 0.7 * u.original_prompt_tokens and u.completion_tokens == 10
@@ -70,12 +80,16 @@ def test_default_keep_prunes_long_prompts(sp_server):
     m = _metrics(sp_server)
     assert m["longserve_spec_prefill_requests_total"] == before + 3
     assert m["longserve_spec_prefill_kept_tokens_total"] < m["longserve_spec_prefill_original_tokens_total"]
-    assert sp_server.http.get("/health").json()["spec_prefill"] == {"draft": "tiny-llama", "keep": 0.5,
-                                                                    "keep_tail": 16}
+    assert sp_server.http.get("/health").json()["spec_prefill"] == {
+        "draft": "tiny-llama",
+        "keep": 0.5,
+        "keep_tail": 16,
+    }
 
 
-@pytest.mark.parametrize("value", [{"keep": 2}, {"keep": 0}, {"keep": "half"}, {"draft": "another-model"},
-                                   {"bogus": 1}, "yes", 3])
+@pytest.mark.parametrize(
+    "value", [{"keep": 2}, {"keep": 0}, {"keep": "half"}, {"draft": "another-model"}, {"bogus": 1}, "yes", 3]
+)
 def test_bad_spec_prefill_values_are_400(sp_server, value):
     r = sp_server.http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 2, "spec_prefill": value})
     assert r.status_code == 400, r.text
@@ -83,8 +97,10 @@ def test_bad_spec_prefill_values_are_400(sp_server, value):
 
 
 def test_without_a_prefill_draft_only_off_is_accepted(server):
-    r = server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}],
-                                                       "max_tokens": 2, "spec_prefill": {"keep": 0.5}})
+    r = server.http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "spec_prefill": {"keep": 0.5}},
+    )
     assert r.status_code == 400 and "--prefill-draft" in r.json()["error"]["message"]
     for value in (False, None, True, {"enabled": False}):
         ok = server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "spec_prefill": value})
@@ -107,8 +123,19 @@ def test_cli_prefill_flags(monkeypatch, loaded):
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
     parser = argparse.ArgumentParser(prog="longserve")
     server_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--prefill-draft", "tiny", "--prefill-keep", "0.3", "--prefill-keep-tail",
-                              "8", "--max-model-len", "256"])
+    args = parser.parse_args(
+        [
+            "serve",
+            "--prefill-draft",
+            "tiny",
+            "--prefill-keep",
+            "0.3",
+            "--prefill-keep-tail",
+            "8",
+            "--max-model-len",
+            "256",
+        ]
+    )
     assert args.func(args) == 0
     state = seen["app"].state.server
     assert state.prefill.draft_name == "tiny-llama" and state.prefill.sp.config.keep == 0.3

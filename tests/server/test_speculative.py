@@ -31,7 +31,9 @@ def spec_server(serve, loaded):
 def _chat(server, stream: bool = False, **extra) -> tuple[str, object]:
     client = server.client()
     body = {**GREEDY["extra_body"], **extra}
-    kwargs = dict(model="tiny-llama", messages=CHAT, temperature=0, max_tokens=GREEDY["max_tokens"], extra_body=body)
+    kwargs = dict(
+        model="tiny-llama", messages=CHAT, temperature=0, max_tokens=GREEDY["max_tokens"], extra_body=body
+    )
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kwargs))
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
@@ -51,9 +53,19 @@ def test_speculative_server_matches_plain_greedy_and_counts_acceptance(server, s
     assert _chat(spec_server, stream=True)[0] == plain_chat
 
     expected = plain.completions.create(model="tiny-llama", prompt="once upon", **GREEDY).choices[0].text
-    assert client.completions.create(model="tiny-llama", prompt="once upon", **GREEDY).choices[0].text == expected
-    streamed = list(client.completions.create(model="tiny-llama", prompt="once upon", stream=True,
-                                              stream_options={"include_usage": True}, **GREEDY))
+    assert (
+        client.completions.create(model="tiny-llama", prompt="once upon", **GREEDY).choices[0].text
+        == expected
+    )
+    streamed = list(
+        client.completions.create(
+            model="tiny-llama",
+            prompt="once upon",
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
     assert streamed[-1].usage.completion_tokens == 14
 
@@ -72,14 +84,22 @@ def test_speculative_server_matches_plain_greedy_and_counts_acceptance(server, s
 def test_concurrent_requests_queue_fifo_and_cancel_cleanly(server, spec_server):
     prompts = [f"prompt number {i}" for i in range(3)]
     plain = server.client()
-    expected = [plain.completions.create(model="tiny-llama", prompt=p, **GREEDY).choices[0].text for p in prompts]
+    expected = [
+        plain.completions.create(model="tiny-llama", prompt=p, **GREEDY).choices[0].text for p in prompts
+    ]
 
     def ask(p: str) -> str:
         return spec_server.client().completions.create(model="tiny-llama", prompt=p, **GREEDY).choices[0].text
 
     before = _metrics(spec_server).get("longserve_requests_total{finish_reason=abort}", 0)
-    stream = spec_server.client().completions.create(model="tiny-llama", prompt="cancel me", stream=True,
-                                                     temperature=0, max_tokens=480, extra_body={"ignore_eos": True})
+    stream = spec_server.client().completions.create(
+        model="tiny-llama",
+        prompt="cancel me",
+        stream=True,
+        temperature=0,
+        max_tokens=480,
+        extra_body={"ignore_eos": True},
+    )
     next(iter(stream))  # it runs now; the others queue behind it until it is cancelled
     with ThreadPoolExecutor(3) as pool:
         answers = [pool.submit(ask, p) for p in prompts]
@@ -100,14 +120,20 @@ def test_per_request_opt_out_and_bad_speculative_field(server, spec_server):
     bad = server.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "speculative": True})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
     assert "--draft" in bad.json()["error"]["message"]
-    bad = spec_server.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "speculative": "maybe"})
+    bad = spec_server.http.post(
+        "/v1/completions", json={"prompt": "x", "max_tokens": 2, "speculative": "maybe"}
+    )
     assert bad.status_code == 400
 
 
 def test_seeded_sampling_is_reproducible(spec_server):
     client = spec_server.client()
-    sampled = [client.completions.create(model="tiny-llama", prompt="xyz", temperature=1.0, seed=7, max_tokens=8,
-                                         extra_body={"top_k": 20}) for _ in range(2)]
+    sampled = [
+        client.completions.create(
+            model="tiny-llama", prompt="xyz", temperature=1.0, seed=7, max_tokens=8, extra_body={"top_k": 20}
+        )
+        for _ in range(2)
+    ]
     assert sampled[0].choices[0].text == sampled[1].choices[0].text
     assert sampled[0].model_extra["longserve"]["speculative"] is True
 
@@ -115,7 +141,9 @@ def test_seeded_sampling_is_reproducible(spec_server):
 def test_a_smaller_draft_with_partial_acceptance_keeps_greedy_output(serve, server, loaded):
     draft = LLM(loaded=tiny_loaded("llama", seed=1, num_hidden_layers=1)[0])
     target = LLM(loaded=loaded, max_batch_size=2, prefill_chunk=64)
-    expected = server.client().completions.create(model="tiny-llama", prompt="abcdef", **GREEDY).choices[0].text
+    expected = (
+        server.client().completions.create(model="tiny-llama", prompt="abcdef", **GREEDY).choices[0].text
+    )
     with serve(llm=target, speculative=SpeculativeDecoder(target, draft, k=2), max_model_len=256) as s:
         r = s.client().completions.create(model="tiny-llama", prompt="abcdef", **GREEDY)
         assert r.choices[0].text == expected
@@ -125,7 +153,9 @@ def test_a_smaller_draft_with_partial_acceptance_keeps_greedy_output(serve, serv
 def test_create_app_refuses_spec_prefill_with_speculative_decoding(loaded):
     target = LLM(loaded=loaded)
     with pytest.raises(InvalidParameterError, match="cannot be combined"):
-        create_app(target, speculative=SpeculativeDecoder(target, target), spec_prefill=SpeculativePrefill(target))
+        create_app(
+            target, speculative=SpeculativeDecoder(target, target), spec_prefill=SpeculativePrefill(target)
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,13 +166,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_cli_draft_flags(monkeypatch, loaded):
     seen = {}
+
     class TinyLLM(LLM):  # a class, not a lambda: LLM(draft=...) checks isinstance(draft, LLM)
         def __init__(self, model: str, **kw):
             super().__init__(loaded=loaded, **kw)
 
     monkeypatch.setattr("longserve.llm.LLM", TinyLLM)
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
-    args = _parser().parse_args(["serve", "--draft", "tiny", "--num-draft-tokens", "5", "--max-model-len", "256"])
+    args = _parser().parse_args(
+        ["serve", "--draft", "tiny", "--num-draft-tokens", "5", "--max-model-len", "256"]
+    )
     assert args.func(args) == 0
     spec = seen["app"].state.server.spec
     assert spec is not None and spec.decoder.k == 5 and spec.describe()["num_draft_tokens"] == 5

@@ -31,7 +31,9 @@ def test_every_emitted_position_follows_the_target_distribution():
     q[:, 7] = 0.0  # and one the draft never proposes
     q /= q.sum(-1, keepdim=True)
     trials = 8000
-    all_drafts = torch.stack([torch.multinomial(q[i], trials, replacement=True, generator=gen) for i in range(3)], 1)
+    all_drafts = torch.stack(
+        [torch.multinomial(q[i], trials, replacement=True, generator=gen) for i in range(3)], 1
+    )
     counts = torch.zeros(4, 8)
     n_accepted = torch.zeros(4)
     for drafts in all_drafts.tolist():

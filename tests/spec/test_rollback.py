@@ -10,11 +10,17 @@ from longserve.spec import SpeculativeDecoder, SpeculativeSlot
 from tests.spec.helpers import llm, perturbed, prompt
 
 POLICIES = [
-    ("full", {}), ("snapkv", {"kv_budget": 24, "window": 8}), ("knorm", {"kv_budget": 24}),
-    ("random", {"kv_budget": 24}), ("quest", {"kv_budget": 16}), ("streaming", {"kv_budget": 24}),
-    ("sage", {"kv_budget": 24, "window": 8}), ("snapstream", {"kv_budget": 24, "window": 8}),
+    ("full", {}),
+    ("snapkv", {"kv_budget": 24, "window": 8}),
+    ("knorm", {"kv_budget": 24}),
+    ("random", {"kv_budget": 24}),
+    ("quest", {"kv_budget": 16}),
+    ("streaming", {"kv_budget": 24}),
+    ("sage", {"kv_budget": 24, "window": 8}),
+    ("snapstream", {"kv_budget": 24, "window": 8}),
     ("h2o", {"kv_budget": 24, "window": 8}),
-    ("streaming", {"kv_budget": 56}), ("h2o", {"kv_budget": 56, "window": 8}),  # room first, then wrap/evict
+    ("streaming", {"kv_budget": 56}),
+    ("h2o", {"kv_budget": 56, "window": 8}),  # room first, then wrap/evict
 ]
 IDS = [f"{name}-{kw.get('kv_budget', 'all')}" for name, kw in POLICIES]
 
@@ -45,10 +51,16 @@ def assert_same_cache(pool_a, slot_a, pool_b, slot_b):
         torch.testing.assert_close(ka, kb, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5)
         n = min(pool_a.layer_capacity[layer], pool_b.layer_capacity[layer])
-        assert torch.equal(pool_a.pos[layer][slot_a, :, :n], pool_b.pos[layer][slot_b, :, :n])  # stale ones too
+        assert torch.equal(
+            pool_a.pos[layer][slot_a, :, :n], pool_b.pos[layer][slot_b, :, :n]
+        )  # stale ones too
         if pool_a.scores is not None and sa.policy.decode == "evict":
-            torch.testing.assert_close(pool_a.scores[layer][slot_a, :, : sa.fill],
-                                       pool_b.scores[layer][slot_b, :, : sb.fill], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                pool_a.scores[layer][slot_a, :, : sa.fill],
+                pool_b.scores[layer][slot_b, :, : sb.fill],
+                rtol=1e-4,
+                atol=1e-5,
+            )
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -81,14 +93,17 @@ def test_random_rejections_leave_the_cache_of_a_plain_run(family, name, kwargs):
     assert_same_cache(plain.pool, plain_seq.slot, spec.pool, spec_seq.slot)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("full", {}), ("sage", {"kv_budget": 24, "window": 8}),
-                                              ("h2o", {"kv_budget": 24, "window": 8})])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("full", {}), ("sage", {"kv_budget": 24, "window": 8}), ("h2o", {"kv_budget": 24, "window": 8})],
+)
 def test_speculative_decoder_caches_match_plain_runs(name, kwargs):
     """End to end: after some rounds (with rejections), the target's cache equals a plain run over the
     tokens emitted so far, and the draft's cache a plain draft run over the tokens it has seen."""
     target, draft = llm(), perturbed("llama", 0.1)
-    run = SpeculativeDecoder(target, draft, k=3).session(prompt(8, 36), max_new_tokens=40, ignore_eos=True,
-                                                          kv_policy=name, **kwargs)
+    run = SpeculativeDecoder(target, draft, k=3).session(
+        prompt(8, 36), max_new_tokens=40, ignore_eos=True, kv_policy=name, **kwargs
+    )
     list(run.start())
     while len(run.seq.output_ids) < 25:
         list(run.round())

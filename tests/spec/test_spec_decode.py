@@ -13,7 +13,11 @@ from tests.tiny import ByteTokenizer
 @pytest.mark.parametrize("draft", ["noisy-0.05", "noisy-0.15", "other-1layer"])
 def test_greedy_equals_target_greedy_for_many_seeds_and_k(draft):
     target = llm()
-    d = llm("llama", 1, num_hidden_layers=1) if draft == "other-1layer" else perturbed("llama", float(draft[6:]))
+    d = (
+        llm("llama", 1, num_hidden_layers=1)
+        if draft == "other-1layer"
+        else perturbed("llama", float(draft[6:]))
+    )
     full = make_policy("full")
     accepted = 0
     for seed in range(4):
@@ -21,8 +25,9 @@ def test_greedy_equals_target_greedy_for_many_seeds_and_k(draft):
         expected = plain_greedy(target, ids, 24, full)
         for k in (1, 2, 3, 5):
             adaptive = (k + seed) % 2 == 1
-            out = SpeculativeDecoder(target, d, k=k, adaptive=adaptive).generate(ids, max_new_tokens=24,
-                                                                                 ignore_eos=True)
+            out = SpeculativeDecoder(target, d, k=k, adaptive=adaptive).generate(
+                ids, max_new_tokens=24, ignore_eos=True
+            )
             assert out.token_ids == expected, (seed, k, adaptive)
             assert out.finish_reason == "length"
             accepted += out.stats["draft_tokens_accepted"]
@@ -33,7 +38,9 @@ def test_greedy_equals_target_greedy_for_many_seeds_and_k(draft):
 def test_draft_equal_to_target_accepts_everything():
     target = llm()
     ids = prompt(3, 20)
-    out = SpeculativeDecoder(target, target, k=4, adaptive=False).generate(ids, max_new_tokens=21, ignore_eos=True)
+    out = SpeculativeDecoder(target, target, k=4, adaptive=False).generate(
+        ids, max_new_tokens=21, ignore_eos=True
+    )
     s = out.stats
     assert out.token_ids == plain_greedy(target, ids, 21, make_policy("full"))
     assert s["acceptance_rate"] == 1.0 and s["mean_accepted_length"] == 4.0
@@ -45,24 +52,32 @@ def test_draft_equal_to_target_accepts_everything():
 def test_adaptive_k_grows_on_full_acceptance_within_bounds():
     target = llm()
     out = SpeculativeDecoder(target, target, k=2, adaptive=True, k_max=5).generate(
-        prompt(1, 10), max_new_tokens=40, ignore_eos=True)
+        prompt(1, 10), max_new_tokens=40, ignore_eos=True
+    )
     assert out.stats["k_final"] == 5
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [
-    ("streaming", {"kv_budget": 24}), ("sage", {"kv_budget": 24, "window": 8}),
-    ("snapstream", {"kv_budget": 24, "window": 8}), ("h2o", {"kv_budget": 24, "window": 8}),
-    ("snapkv", {"kv_budget": 24, "window": 8}), ("knorm", {"kv_budget": 24}),
-    ("quest", {"kv_budget": 96}),
-])
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("streaming", {"kv_budget": 24}),
+        ("sage", {"kv_budget": 24, "window": 8}),
+        ("snapstream", {"kv_budget": 24, "window": 8}),
+        ("h2o", {"kv_budget": 24, "window": 8}),
+        ("snapkv", {"kv_budget": 24, "window": 8}),
+        ("knorm", {"kv_budget": 24}),
+        ("quest", {"kv_budget": 96}),
+    ],
+)
 def test_greedy_equals_target_under_every_policy(name, kwargs):
     target, draft = llm(), perturbed("llama", 0.05)
     ids = prompt(11, 40)
     policy = target.policy(name, **kwargs)
     expected = plain_greedy(target, ids, 30, policy)
     for k in (2, 4):
-        out = SpeculativeDecoder(target, draft, k=k).generate(ids, max_new_tokens=30, ignore_eos=True,
-                                                             kv_policy=policy)
+        out = SpeculativeDecoder(target, draft, k=k).generate(
+            ids, max_new_tokens=30, ignore_eos=True, kv_policy=policy
+        )
         assert out.token_ids == expected, k
 
 
@@ -72,8 +87,9 @@ def test_greedy_equals_target_with_sliding_window_layers():
     for name, kwargs in (("full", {}), ("streaming", {"kv_budget": 20})):
         policy = target.policy(name, **kwargs)
         expected = plain_greedy(target, ids, 30, policy)
-        out = SpeculativeDecoder(target, draft, k=3).generate(ids, max_new_tokens=30, ignore_eos=True,
-                                                             kv_policy=policy)
+        out = SpeculativeDecoder(target, draft, k=3).generate(
+            ids, max_new_tokens=30, ignore_eos=True, kv_policy=policy
+        )
         assert out.token_ids == expected, name
 
 
@@ -124,8 +140,12 @@ def test_invalid_k_and_tokenizer_mismatch():
         def get_vocab(self):
             return self.vocab
 
-    a = LLM(loaded=LoadedModel("a", None, base.model, VocabTokenizer({"x": 0, "y": 1}), base.args, base.eos_ids))
-    b = LLM(loaded=LoadedModel("b", None, base.model, VocabTokenizer({"x": 1, "y": 0}), base.args, base.eos_ids))
+    a = LLM(
+        loaded=LoadedModel("a", None, base.model, VocabTokenizer({"x": 0, "y": 1}), base.args, base.eos_ids)
+    )
+    b = LLM(
+        loaded=LoadedModel("b", None, base.model, VocabTokenizer({"x": 1, "y": 0}), base.args, base.eos_ids)
+    )
     with pytest.raises(LongserveError, match="different tokenizers"):
         SpeculativeDecoder(a, b)
 

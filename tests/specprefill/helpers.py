@@ -13,20 +13,55 @@ import random
 from longserve.llm import LLM
 from tests.tiny import tiny_loaded
 
-WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "alpha", "beta", "gamma", "delta",
-         "needle", "haystack", "magic", "number", "is", "hidden", "within", "following", "text", "remember", "it",
-         "value", "key", "code", "def", "return", "print", "import")
+WORDS = (
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "needle",
+    "haystack",
+    "magic",
+    "number",
+    "is",
+    "hidden",
+    "within",
+    "following",
+    "text",
+    "remember",
+    "it",
+    "value",
+    "key",
+    "code",
+    "def",
+    "return",
+    "print",
+    "import",
+)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TURNS = ("<bos>{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
-         "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TURNS = (
+    "<bos>{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "!", "\n"])
-            for _ in range(n)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "!", "\n"])
+        for _ in range(n)
+    ]
 
 
 def text(n_words: int, seed: int = 1) -> str:
@@ -43,12 +78,18 @@ def fast_tokenizer(kind: str = "a"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|im_start|>", "<|im_end|>"] if kind == "a" else ["<bos>", "<start_of_turn>", "<end_of_turn>"]
+    specials = (
+        ["<|im_start|>", "<|im_end|>"] if kind == "a" else ["<bos>", "<start_of_turn>", "<end_of_turn>"]
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300 if kind == "a" else 290, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300 if kind == "a" else 290,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(seed=0 if kind == "a" else 7), trainer)
     if kind == "a":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>")

@@ -63,12 +63,18 @@ def test_same_tokenizer_keeps_original_positions_and_specials(chat_pair):
     assert [t for t in cp.ids if t in specials] == [t for t in ids if t in specials]
     system_end = target.tokenizer.apply_chat_template(messages[:1], tokenize=False)
     n_system = len(target.tokenizer(system_end, add_special_tokens=False)["input_ids"])
-    assert cp.positions[:n_system] == list(range(n_system))  # template + the system turn (role not compressed)
+    assert cp.positions[:n_system] == list(
+        range(n_system)
+    )  # template + the system turn (role not compressed)
     assert 0.2 < cp.ratio < 0.45
     # decoding continues at the ORIGINAL prompt length
     engine = target._engine(1, 600)
-    seq = engine.add_request(cp.ids, __import__("longserve.engine.sampler", fromlist=["x"]).SamplingParams(4),
-                             target.policy(), positions=cp.positions)
+    seq = engine.add_request(
+        cp.ids,
+        __import__("longserve.engine.sampler", fromlist=["x"]).SamplingParams(4),
+        target.policy(),
+        positions=cp.positions,
+    )
     engine.step()
     assert engine.pool.slots[seq.slot].next_pos == len(ids)
     out = sp.generate_compressed(target, [cp], max_new_tokens=4)[0]
@@ -80,8 +86,12 @@ def test_everything_kept_maps_back_to_the_exact_text():
     raw = "  Leading spaces, naïve café ünïcode — and\ttabs\n\nthe quick brown fox " * 5 + " trailing  "
     r = P.render(tok, raw)
     assert P.rebuild(r, torch.ones(len(r.ids), dtype=torch.bool), " [...] ") == {-1: raw}
-    messages = [{"role": "system", "content": " sys  "}, {"role": "user", "content": raw},
-                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more\n" + raw}]
+    messages = [
+        {"role": "system", "content": " sys  "},
+        {"role": "user", "content": raw},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "more\n" + raw},
+    ]
     for kind in ("a", "b"):  # "b"'s template trims contents: spans are then the trimmed text
         r = P.render(fast_tokenizer(kind), messages)
         texts = P.rebuild(r, torch.ones(len(r.ids), dtype=torch.bool), " [...] ")
@@ -105,7 +115,10 @@ def test_cross_tokenizer_path(cross_pair):
     target, draft = cross_pair
     assert not same_tokenizer(target.tokenizer, draft.tokenizer)
     body = text(500)
-    messages = [{"role": "system", "content": "You answer questions."}, {"role": "user", "content": body + QUESTION}]
+    messages = [
+        {"role": "system", "content": "You answer questions."},
+        {"role": "user", "content": body + QUESTION},
+    ]
     sp = SpeculativePrefill(draft, SpecPrefillConfig(keep=0.3, keep_tail=24, tolerance=0.1))
     cp = sp.compress(target, messages, roles=["user"])
     assert cp.path == "cross_tokenizer" and cp.messages[0] == messages[0] and cp.ids is None
@@ -160,8 +173,13 @@ def test_short_prompts_pass_through_and_bad_input(byte_pair, cross_pair):
     messages = [{"role": "user", "content": "hi there"}]
     cp = SpeculativePrefill(d2).compress(t2, messages)
     assert cp.path == "passthrough" and cp.prompt == messages and cp.ratio == 1.0
-    for bad in ("", [], [{"role": "user", "content": ""}], [{"content": "x"}],
-                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+    for bad in (
+        "",
+        [],
+        [{"role": "user", "content": ""}],
+        [{"content": "x"}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    ):
         with pytest.raises(InvalidParameterError):
             sp.compress(target, bad)
     for keep in (0, 1.5, -1):
@@ -213,8 +231,17 @@ def test_server_glue(byte_pair):
     target, draft = byte_pair
     assert parse_option(None, None) == (False, None) and parse_option(None, "d") == (True, None)
     assert parse_option({"keep": 0.5, "draft": "d"}, "d") == (True, 0.5)
-    assert parse_option({"enabled": False}, None) == (False, None) and parse_option(False, "d") == (False, None)
-    for raw, name in (({"keep": 0.5}, None), ({"keep": 2}, "d"), ({"draft": "other"}, "d"), ({"x": 1}, "d"), (3, "d")):
+    assert parse_option({"enabled": False}, None) == (False, None) and parse_option(False, "d") == (
+        False,
+        None,
+    )
+    for raw, name in (
+        ({"keep": 0.5}, None),
+        ({"keep": 2}, "d"),
+        ({"draft": "other"}, "d"),
+        ({"x": 1}, "d"),
+        (3, "d"),
+    ):
         with pytest.raises(InvalidParameterError):
             parse_option(raw, name)
     glue = ServerPrefill(SpeculativePrefill(draft, keep=0.5))

@@ -24,7 +24,9 @@ def naive_pool(row: list[float], kernel: int) -> list[float]:
     return [sum(row[j] for j in range(t - half, t - half + kernel) if 0 <= j < n) / kernel for t in range(n)]
 
 
-def reference_scores(hf, ids: list[int], lookahead: list[int], layers: list[int], kernel: int) -> torch.Tensor:
+def reference_scores(
+    hf, ids: list[int], lookahead: list[int], layers: list[int], kernel: int
+) -> torch.Tensor:
     """Full attention matrices from the HF twin (eager, output_attentions); rows of the last prompt token and
     of each look-ahead token, renormalised over the prompt keys; pooled, max over layers x heads, mean."""
     n = len(ids)
@@ -87,8 +89,10 @@ def test_windowed_scoring_beyond_the_draft_window():
     # a prompt that fits the window is scored in one pass, exactly as without a window
     short = ids[:90]
     one = token_importance(loaded.model, short, cfg)
-    torch.testing.assert_close(one.scores, token_importance(loaded.model, short, SpecPrefillConfig(
-        chunk=16, lookahead=2, keep_tail=16)).scores)
+    torch.testing.assert_close(
+        one.scores,
+        token_importance(loaded.model, short, SpecPrefillConfig(chunk=16, lookahead=2, keep_tail=16)).scores,
+    )
     assert one.windows == 1
 
 
@@ -115,8 +119,17 @@ def test_keep_outside_unit_interval_is_refused(keep):
         SpecPrefillConfig(keep=keep)
 
 
-@pytest.mark.parametrize("field,value", [("chunk", 0), ("lookahead", -1), ("pool_kernel", 0), ("keep_tail", -2),
-                                         ("tolerance", 0), ("window", 10)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("chunk", 0),
+        ("lookahead", -1),
+        ("pool_kernel", 0),
+        ("keep_tail", -2),
+        ("tolerance", 0),
+        ("window", 10),
+    ],
+)
 def test_other_bad_parameters(field, value):
     with pytest.raises(InvalidParameterError):
         SpecPrefillConfig(**{field: value})

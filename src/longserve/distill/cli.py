@@ -13,13 +13,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     from longserve.zoo import home
 
     p = subparsers.add_parser(
-        "distill", help="distill a domain draft model from a target (for `generate --draft`)",
+        "distill",
+        help="distill a domain draft model from a target (for `generate --draft`)",
         description="Generate the target's answers to domain prompts, fine-tune the draft on them (white-box "
-                    "KL to the target's top-k, or black-box cross-entropy; full or LoRA), report the acceptance "
-                    "rate before/after and save the draft as a zoo model usable as --draft NAME.")
+        "KL to the target's top-k, or black-box cross-entropy; full or LoRA), report the acceptance "
+        "rate before/after and save the draft as a zoo model usable as --draft NAME.",
+    )
     p.add_argument("--target", required=True, help="zoo name, HF directory or .gguf of the target")
-    p.add_argument("--draft", required=True, help="the draft to start from (must share the target's tokenizer "
-                                                   "for white-box training and for --draft use)")
+    p.add_argument(
+        "--draft",
+        required=True,
+        help="the draft to start from (must share the target's tokenizer "
+        "for white-box training and for --draft use)",
+    )
     p.add_argument("--name", required=True, help="zoo name of the distilled draft")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help='JSONL file, one {"prompt": "..."} per line')
@@ -56,34 +62,68 @@ def cmd_distill(args) -> int:
     from longserve.llm import LLM
     from longserve.zoo import home
 
-    config = TrainConfig(mode=args.mode, lora=args.lora, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, lr=args.lr,
-                         epochs=args.epochs, batch_size=args.batch_size, max_len=args.max_len,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config = TrainConfig(
+        mode=args.mode,
+        lora=args.lora,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
     prompts = read_prompts(args.prompts) if args.prompts else None
     extra = {"threads": args.threads} if args.threads else {}
     target = LLM(args.target, dtype=args.dtype, **extra)
     draft = LLM(args.draft, dtype=args.dtype, **extra)
     workdir = Path(args.workdir) if args.workdir else home() / "distill" / args.name
-    report = run_distill(target, draft, args.name, workdir, prompts=prompts, domain=args.domain,
-                         num_prompts=args.num_prompts, held_out=args.held_out, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k_logits=args.top_k_logits, config=config,
-                         eval_max_new_tokens=args.eval_max_new_tokens, eval_k=args.num_draft_tokens,
-                         run_eval=not args.no_eval, resume=args.resume, seed=args.seed)
+    report = run_distill(
+        target,
+        draft,
+        args.name,
+        workdir,
+        prompts=prompts,
+        domain=args.domain,
+        num_prompts=args.num_prompts,
+        held_out=args.held_out,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k_logits=args.top_k_logits,
+        config=config,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+        eval_k=args.num_draft_tokens,
+        run_eval=not args.no_eval,
+        resume=args.resume,
+        seed=args.seed,
+    )
     report["command"] = "longserve " + shlex.join(sys.argv[1:])
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))
-    print(f"report: {workdir / 'report.json'}\nuse it: longserve generate --model {args.target} --draft {args.name} ...")
+    print(
+        f"report: {workdir / 'report.json'}\nuse it: longserve generate --model {args.target} --draft {args.name} ..."
+    )
     return 0
 
 
 def summary(report: dict) -> str:
-    lines = [f"distilled {report['draft']} -> {report['name']} ({report['mode']}{', LoRA' if report['lora'] else ''}) "
-             f"on {report['data']['train_prompts']} prompts / {report['data']['answer_tokens']} target tokens in "
-             f"{report['train']['seconds']:.0f} s"]
+    lines = [
+        f"distilled {report['draft']} -> {report['name']} ({report['mode']}{', LoRA' if report['lora'] else ''}) "
+        f"on {report['data']['train_prompts']} prompts / {report['data']['answer_tokens']} target tokens in "
+        f"{report['train']['seconds']:.0f} s"
+    ]
     for split in ("domain_held_out", "general"):
         before, after = report.get("before", {}).get(split), report.get("after", {}).get(split)
-        if before and after and before["acceptance_rate"] is not None and after["acceptance_rate"] is not None:
-            lines.append(f"  {split:16} acceptance {before['acceptance_rate']:.1%} -> {after['acceptance_rate']:.1%}"
-                         f"  (mean accepted {before['mean_accepted_length']:.2f} -> "
-                         f"{after['mean_accepted_length']:.2f})")
+        if (
+            before
+            and after
+            and before["acceptance_rate"] is not None
+            and after["acceptance_rate"] is not None
+        ):
+            lines.append(
+                f"  {split:16} acceptance {before['acceptance_rate']:.1%} -> {after['acceptance_rate']:.1%}"
+                f"  (mean accepted {before['mean_accepted_length']:.2f} -> "
+                f"{after['mean_accepted_length']:.2f})"
+            )
     return "\n".join(lines)

@@ -46,18 +46,23 @@ def read_prompts(path: str | Path, max_errors: int = 10) -> list[str]:
             errors.append(f"line {number}: invalid JSON ({exc.msg} at column {exc.colno})")
             continue
         if not isinstance(record, dict) or "prompt" not in record:
-            errors.append(f"line {number}: expected an object with a \"prompt\" key")
+            errors.append(f'line {number}: expected an object with a "prompt" key')
         elif not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            errors.append(f"line {number}: \"prompt\" must be a non-empty string")
+            errors.append(f'line {number}: "prompt" must be a non-empty string')
         else:
             prompts.append(record["prompt"])
     if errors:
-        shown = "; ".join(errors[:max_errors]) + (f"; ... {len(errors) - max_errors} more" if len(errors) > max_errors
-                                                  else "")
-        raise DistillDataError(f"{path}: {len(errors)} malformed line(s): {shown}. "
-                               'Each line must be a JSON object like {"prompt": "..."}')
+        shown = "; ".join(errors[:max_errors]) + (
+            f"; ... {len(errors) - max_errors} more" if len(errors) > max_errors else ""
+        )
+        raise DistillDataError(
+            f"{path}: {len(errors)} malformed line(s): {shown}. "
+            'Each line must be a JSON object like {"prompt": "..."}'
+        )
     if not prompts:
-        raise DistillDataError(f"{path} holds no prompts; write one JSON object like {{\"prompt\": \"...\"}} per line")
+        raise DistillDataError(
+            f'{path} holds no prompts; write one JSON object like {{"prompt": "..."}} per line'
+        )
     return prompts
 
 
@@ -65,25 +70,41 @@ def write_prompts(path: str | Path, prompts: list[str]) -> None:
     Path(path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
 
 
-def synthesize_prompts(llm, domain: str, n: int, seed: int = 0, max_new_tokens: int = 64,
-                       temperature: float = 1.0, max_tries: int | None = None) -> list[str]:
+def synthesize_prompts(
+    llm,
+    domain: str,
+    n: int,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    max_tries: int | None = None,
+) -> list[str]:
     """Ask the target for `n` distinct user requests about `domain` (one per sampled generation)."""
     if n <= 0:
         raise DistillDataError("the number of prompts to synthesize must be >= 1")
-    instruction = (f"Write one realistic request that a user might ask an assistant about: {domain}. "
-                   "Reply with the request only, no preamble.")
+    instruction = (
+        f"Write one realistic request that a user might ask an assistant about: {domain}. "
+        "Reply with the request only, no preamble."
+    )
     prompt = [{"role": "user", "content": instruction}] if llm.tokenizer.chat_template else f"{instruction}\n"
     seen: dict[str, None] = {}
     tries = 0
     while len(seen) < n and tries < (max_tries or 4 * n):
-        out = llm.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
-                           seed=seed * 100_003 + tries)[0]
+        out = llm.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=0.95,
+            seed=seed * 100_003 + tries,
+        )[0]
         tries += 1
         text = out.text.strip().strip('"').strip()
         if len(text) >= 8:
             seen.setdefault(text, None)
     if not seen:
-        raise DistillDataError(f"the target produced no usable prompts for domain {domain!r}; pass --prompts FILE")
+        raise DistillDataError(
+            f"the target produced no usable prompts for domain {domain!r}; pass --prompts FILE"
+        )
     return list(seen)[:n]
 
 

@@ -11,8 +11,15 @@ from longserve.llm import LLM
 from longserve.spec import SpeculativeDecoder
 
 
-def acceptance(target: LLM, draft: LLM, prompts: list[str], max_new_tokens: int = 64, k: int = 4,
-               progress: bool = False, desc: str = "acceptance") -> dict:
+def acceptance(
+    target: LLM,
+    draft: LLM,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    k: int = 4,
+    progress: bool = False,
+    desc: str = "acceptance",
+) -> dict:
     """Pooled acceptance rate (accepted / proposed drafts), mean accepted drafts per round, target
     forwards per generated token, over greedy generations with a fixed k (comparable across drafts)."""
     dec = SpeculativeDecoder(target, draft, k=k, adaptive=False)

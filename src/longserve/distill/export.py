@@ -25,11 +25,20 @@ def check_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
         raise InvalidParameterError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (no '/')")
     if name in zoo.ZOO:
-        raise InvalidParameterError(f"{name!r} is a zoo model's name; pick another name for the distilled draft")
+        raise InvalidParameterError(
+            f"{name!r} is a zoo model's name; pick another name for the distilled draft"
+        )
 
 
-def export_model(model: CausalLM, name: str, source_dir: str | Path | None, hf_config=None, *,
-                 source: dict | None = None, force: bool = True) -> Path:
+def export_model(
+    model: CausalLM,
+    name: str,
+    source_dir: str | Path | None,
+    hf_config=None,
+    *,
+    source: dict | None = None,
+    force: bool = True,
+) -> Path:
     """Write `model`'s weights with the draft's config/tokenizer files; returns the zoo directory.
 
     `source_dir`: the original draft's directory (config.json, tokenizer files). Without one (tests'

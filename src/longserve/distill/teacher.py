@@ -30,12 +30,14 @@ class FullAttention:
         window = self.args.layer_windows[layer]
         if not window:
             return torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.args.scaling, enable_gqa=True)
+                q, k, v, is_causal=True, scale=self.args.scaling, enable_gqa=True
+            )
         pos = self.positions[0]
         delta = pos[:, None] - pos[None, :]
         mask = (delta >= 0) & (delta < window)
         return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.args.scaling, enable_gqa=True)
+            q, k, v, attn_mask=mask, scale=self.args.scaling, enable_gqa=True
+        )
 
 
 def answer_logits(model: CausalLM, ids: list[int], n_prompt: int, chunk: int = 128):
@@ -86,8 +88,11 @@ class TeacherData:
         if self.white_box:
             tensors["topk_ids"] = torch.cat([e.topk_ids for e in ex]).to(torch.int32).contiguous()
             tensors["topk_logprobs"] = torch.cat([e.topk_logprobs for e in ex]).to(torch.float16).contiguous()
-        metadata = {"meta": json.dumps(self.meta), "prompts": json.dumps([e.prompt for e in ex]),
-                    "answers": json.dumps([e.answer for e in ex])}
+        metadata = {
+            "meta": json.dumps(self.meta),
+            "prompts": json.dumps([e.prompt for e in ex]),
+            "answers": json.dumps([e.answer for e in ex]),
+        }
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -106,10 +111,17 @@ class TeacherData:
         prompts, answers = json.loads(metadata["prompts"]), json.loads(metadata["answers"])
         examples, p_off, a_off = [], 0, 0
         for i, (pl, al) in enumerate(zip(t["prompt_lens"].tolist(), t["answer_lens"].tolist(), strict=True)):
-            e = Example(prompts[i], t["prompt_ids"][p_off:p_off + pl].tolist(),
-                        t["answer_ids"][a_off:a_off + al].tolist(), answers[i])
+            e = Example(
+                prompts[i],
+                t["prompt_ids"][p_off : p_off + pl].tolist(),
+                t["answer_ids"][a_off : a_off + al].tolist(),
+                answers[i],
+            )
             if "topk_ids" in t:
-                e.topk_ids, e.topk_logprobs = t["topk_ids"][a_off:a_off + al], t["topk_logprobs"][a_off:a_off + al]
+                e.topk_ids, e.topk_logprobs = (
+                    t["topk_ids"][a_off : a_off + al],
+                    t["topk_logprobs"][a_off : a_off + al],
+                )
             examples.append(e)
             p_off, a_off = p_off + pl, a_off + al
         return cls(examples, json.loads(metadata["meta"]))
@@ -121,14 +133,25 @@ def as_prompt(llm: LLM, text: str):
 
 
 @torch.inference_mode()
-def build_teacher_data(target: LLM, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
-                       top_k_logits: int = 16, seed: int = 0, progress: bool = True) -> TeacherData:
+def build_teacher_data(
+    target: LLM,
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k_logits: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> TeacherData:
     """Generate the target's answers (greedy or sampled) and, if `top_k_logits`, its top-k log-probs."""
     examples = []
     for i, text in enumerate(tqdm(prompts, disable=not progress, desc="teacher answers", unit="prompt")):
         prompt = as_prompt(target, text)
-        out = target.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed + i if temperature > 0 else None)[0]
+        out = target.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed + i if temperature > 0 else None,
+        )[0]
         prompt_ids = target.encode(prompt)
         e = Example(text, prompt_ids, list(out.token_ids), out.text)
         if top_k_logits and e.answer_ids:
@@ -139,6 +162,11 @@ def build_teacher_data(target: LLM, prompts: list[str], max_new_tokens: int = 12
                 lps.append(top.values.to(torch.float16))
             e.topk_ids, e.topk_logprobs = torch.cat(ids), torch.cat(lps)
         examples.append(e)
-    meta = {"target": target.loaded.name, "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "top_k_logits": top_k_logits, "seed": seed}
+    meta = {
+        "target": target.loaded.name,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k_logits": top_k_logits,
+        "seed": seed,
+    }
     return TeacherData(examples, meta)

@@ -51,7 +51,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("whitebox", "blackbox"):
-            raise InvalidParameterError(f"distillation mode must be 'whitebox' or 'blackbox', got {self.mode!r}")
+            raise InvalidParameterError(
+                f"distillation mode must be 'whitebox' or 'blackbox', got {self.mode!r}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or self.max_len < 2 or self.lora_r < 1:
             raise InvalidParameterError("epochs, batch_size, lora_r must be >= 1 and max_len >= 2")
 
@@ -134,8 +136,9 @@ def example_loss(model: CausalLM, e: Example, mode: str, max_len: int) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model: CausalLM, data: TeacherData | list[Example], mode: str = "whitebox",
-             max_len: int = 1024) -> float:
+def evaluate(
+    model: CausalLM, data: TeacherData | list[Example], mode: str = "whitebox", max_len: int = 1024
+) -> float:
     """Mean per-token loss: top-k KL(target || draft) for "whitebox", cross-entropy for "blackbox"."""
     examples = data.examples if isinstance(data, TeacherData) else data
     total, count = 0.0, 0
@@ -159,8 +162,10 @@ def save_checkpoint(state: dict, path: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             kept = f"the previous checkpoint {path} is intact" if path.exists() else "no checkpoint was kept"
-            raise DistillError(f"disk full while writing a checkpoint to {path.parent}; {kept}. Free space "
-                               "and re-run with --resume") from exc
+            raise DistillError(
+                f"disk full while writing a checkpoint to {path.parent}; {kept}. Free space "
+                "and re-run with --resume"
+            ) from exc
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -181,19 +186,29 @@ def _schedule(n: int, config: TrainConfig) -> list[list[int]]:
     return steps[: config.max_steps] if config.max_steps else steps
 
 
-def train(model: CausalLM, data: TeacherData | list[Example], config: TrainConfig, workdir: str | Path | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    model: CausalLM,
+    data: TeacherData | list[Example],
+    config: TrainConfig,
+    workdir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Fine-tune `model` in place (LoRA adapters stay injected until `merge_lora`)."""
     examples = data.examples if isinstance(data, TeacherData) else list(data)
     if not examples:
         raise DistillError("no training examples")
     if config.mode == "whitebox" and any(e.topk_ids is None for e in examples):
-        raise DistillError("white-box training needs the target's top-k log-probs: rebuild the teacher data "
-                           "with --top-k-logits > 0, or use --mode blackbox")
+        raise DistillError(
+            "white-box training needs the target's top-k log-probs: rebuild the teacher data "
+            "with --top-k-logits > 0, or use --mode blackbox"
+        )
     vocab = model.args.vocab_size
     if config.mode == "whitebox" and max(int(e.topk_ids.max()) for e in examples if e.answer_ids) >= vocab:
-        raise DistillError("the target's token ids exceed the draft's vocabulary: white-box distillation needs "
-                           "a draft that shares the target's tokenizer")
+        raise DistillError(
+            "the target's token ids exceed the draft's vocabulary: white-box distillation needs "
+            "a draft that shares the target's tokenizer"
+        )
     torch.manual_seed(config.seed)
     if config.lora:
         apply_lora(model, config.lora_r, config.lora_alpha)
@@ -222,8 +237,13 @@ def train(model: CausalLM, data: TeacherData | list[Example], config: TrainConfi
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(total=len(steps), initial=result.steps, disable=not progress, desc=f"distill ({config.mode})",
-               unit="step")
+    bar = tqdm(
+        total=len(steps),
+        initial=result.steps,
+        disable=not progress,
+        desc=f"distill ({config.mode})",
+        unit="step",
+    )
     try:
         for step in range(result.steps, len(steps)):
             optimizer.zero_grad(set_to_none=True)
@@ -244,11 +264,20 @@ def train(model: CausalLM, data: TeacherData | list[Example], config: TrainConfi
             result.steps = step + 1
             bar.update()
             last = result.steps == len(steps)
-            if ckpt is not None and (last or (config.checkpoint_every and result.steps % config.checkpoint_every == 0)):
-                save_checkpoint({"step": result.steps, "trainable": _trainable(model),
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "config": asdict(config),
-                                 "losses": result.losses}, ckpt)
+            if ckpt is not None and (
+                last or (config.checkpoint_every and result.steps % config.checkpoint_every == 0)
+            ):
+                save_checkpoint(
+                    {
+                        "step": result.steps,
+                        "trainable": _trainable(model),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "config": asdict(config),
+                        "losses": result.losses,
+                    },
+                    ckpt,
+                )
     finally:
         bar.close()
         model.eval()

@@ -28,8 +28,15 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, n_slots: int, capacity: int, max_tokens: int | None = None,
-                 prefill_chunk: int = 2048, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        n_slots: int,
+        capacity: int,
+        max_tokens: int | None = None,
+        prefill_chunk: int = 2048,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype)
@@ -39,8 +46,14 @@ class LLMEngine:
         self.last_step = None  # what the latest step() ran (the server fails exactly those on errors)
 
     # ---- requests ------------------------------------------------------------------------------
-    def check(self, prompt_len: int, params: SamplingParams, policy: Policy, prefix=None,
-              positions: list[int] | None = None) -> None:
+    def check(
+        self,
+        prompt_len: int,
+        params: SamplingParams,
+        policy: Policy,
+        prefix=None,
+        positions: list[int] | None = None,
+    ) -> None:
         window = self.loaded.context_window
         offset = prefix.next_pos if prefix is not None else 0
         if positions:  # a pruned prompt still decodes at its original length
@@ -59,11 +72,19 @@ class LLMEngine:
                 f"{self.pool.capacity}; use a compressing policy or restart with a larger --max-model-len"
             )
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, policy: Policy,
-                    request_id: str = "", positions: list[int] | None = None, prefix=None) -> Sequence:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        policy: Policy,
+        request_id: str = "",
+        positions: list[int] | None = None,
+        prefix=None,
+    ) -> Sequence:
         self.check(len(prompt_ids), params, policy, prefix, positions)
-        seq = Sequence(list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions,
-                       prefix=prefix)
+        seq = Sequence(
+            list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
+        )
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -110,12 +131,16 @@ class LLMEngine:
         text = seq.text + self._detokenize(seq, ids, flush=eos)
         reason = "stop" if eos else None
         # only the tail can hold a new match: the text before it was searched in earlier steps
-        cuts = [i for stop in seq.params.stop if (i := text.find(stop, max(0, len(seq.text) - len(stop) + 1))) != -1]
+        cuts = [
+            i
+            for stop in seq.params.stop
+            if (i := text.find(stop, max(0, len(seq.text) - len(stop) + 1))) != -1
+        ]
         if cuts:
-            text, reason = text[:min(cuts)], "stop"
+            text, reason = text[: min(cuts)], "stop"
         if reason is None and len(seq.output_ids) >= seq.params.max_new_tokens:
             reason = "length"
-        new_text, seq.text = text[len(seq.text):], text
+        new_text, seq.text = text[len(seq.text) :], text
         if reason:
             seq.finish_reason = reason
             self._finish(seq)
@@ -131,7 +156,7 @@ class LLMEngine:
         if len(text) <= len(before) or (text.endswith("\ufffd") and not flush):
             return ""
         seq.detok_offsets = (read, len(ids))
-        return text[len(before):]
+        return text[len(before) :]
 
     def _finish(self, seq: Sequence) -> None:
         seq.finished_at = time.perf_counter()

@@ -32,10 +32,12 @@ class ModelRunner:
             staging = self.staging[seq.seq_id] = (staging_pool, staging_pool.allocate(FullPolicy()))
         ids = torch.tensor([seq.prompt_ids[start:end]])
         offset = seq.prefix.next_pos if seq.prefix is not None else 0
-        positions = torch.tensor(seq.prompt_positions[start:end] if seq.prompt_positions
-                                 else range(offset + start, offset + end))
-        backend = PrefillBackend(self.pool, seq.slot, positions, final=final,
-                                 seed=seq.params.seed or 0, staging=staging)
+        positions = torch.tensor(
+            seq.prompt_positions[start:end] if seq.prompt_positions else range(offset + start, offset + end)
+        )
+        backend = PrefillBackend(
+            self.pool, seq.slot, positions, final=final, seed=seq.params.seed or 0, staging=staging
+        )
         logits = self.model(ids, positions[None], backend)
         backend.finish()
         seq.prefilled = end

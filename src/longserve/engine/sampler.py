@@ -23,15 +23,20 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an integer >= 1"),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                "max_new_tokens must be an integer >= 1",
+            ),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:
-                raise InvalidParameterError(f"{message} (got max_new_tokens={self.max_new_tokens}, "
-                                            f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k})")
+                raise InvalidParameterError(
+                    f"{message} (got max_new_tokens={self.max_new_tokens}, "
+                    f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k})"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -55,7 +60,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     """logits [B, V] -> one token per row. Greedy rows skip all filtering."""
     greedy = logits.argmax(-1).tolist()
     out = []

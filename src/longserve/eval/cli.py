@@ -93,7 +93,7 @@ def register_spec_parser(parser: SpecParser) -> SpecParser:
 
 
 def parse_value(text: str) -> Any:
-    """"true"/"false" -> bool, numbers -> int/float, anything else stays text (KEY=VALUE options)."""
+    """ "true"/"false" -> bool, numbers -> int/float, anything else stays text (KEY=VALUE options)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"

@@ -26,8 +26,16 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class PrefillBackend:
     """One sequence, `T` new tokens at `positions`, on top of whatever its slot already holds."""
 
-    def __init__(self, pool: KVPool, slot: int, positions: torch.Tensor, final: bool = True, seed: int = 0,
-                 staging: tuple[KVPool, int] | None = None, compress: bool = True):
+    def __init__(
+        self,
+        pool: KVPool,
+        slot: int,
+        positions: torch.Tensor,
+        final: bool = True,
+        seed: int = 0,
+        staging: tuple[KVPool, int] | None = None,
+        compress: bool = True,
+    ):
         """`staging`: where earlier chunks of a long prompt wait, uncompressed, until the final chunk
         lets the policy pick what the real slot keeps (chunked prefill of a compressed sequence).
         `compress=False` appends without running the policy (e.g. speculative verification)."""
@@ -86,8 +94,9 @@ class PrefillBackend:
         own = (ph[None, :] == torch.arange(hkv)[:, None])[:, None, :].expand(hkv, t, -1)
         causal = torch.ones(t, t, dtype=torch.bool).tril().expand(hkv, t, t)
         mask = torch.cat([own, causal], -1).repeat_interleave(q.shape[1] // hkv, 0)[None]
-        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=args.scaling,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, keys[None], values[None], attn_mask=mask, scale=args.scaling, enable_gqa=True
+        )
         if self.new_fill > pool.layer_capacity[layer]:
             raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {self.new_fill} tokens")
         fk, fv, fpos, fheads = pool.flat_view(layer, slot)
@@ -145,7 +154,12 @@ class PrefillBackend:
         if n > self.pool.layer_capacity[layer] * self.pool.args.n_kv_heads:
             raise RuntimeError(f"slot capacity {self.pool.layer_capacity[layer]} too small for {n} entries")
         fk, fv, fpos, fheads = self.pool.flat_view(layer, self.slot)
-        fk[:n], fv[:n], fpos[:n], fheads[:n] = keys[heads, tokens], values[heads, tokens], key_pos[heads, tokens], heads
+        fk[:n], fv[:n], fpos[:n], fheads[:n] = (
+            keys[heads, tokens],
+            values[heads, tokens],
+            key_pos[heads, tokens],
+            heads,
+        )
         self.made_flat = True
 
     def finish(self) -> None:
@@ -207,7 +221,9 @@ class DecodeBackend:
             pool.slots[s].policy.decode == "evict" for s in slots
         )
         self.heads = torch.arange(pool.args.n_kv_heads)
-        self.sparse_rows = [r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)]
+        self.sparse_rows = [
+            r for r, s in enumerate(slots) if getattr(pool.slots[s].policy, "sparse_decode", False)
+        ]
         self.flat_rows = [r for r, s in enumerate(slots) if pool.slots[s].flat]
         for slot in slots:  # what dense attention reads this step, over all layers
             pool.slots[slot].bytes_read += pool.held_nbytes(slot)
@@ -261,15 +277,23 @@ class DecodeBackend:
         if self.track_scores:
             pool.scores[layer][rows, heads, index] = 0.0
         if self.sparse_rows and not pool.args.layer_windows[layer]:
-            quest_pages.update(pool, layer, [self.slots[r] for r in self.sparse_rows],
-                               index[self.sparse_rows, 0], k[self.sparse_rows, :, 0])
+            quest_pages.update(
+                pool,
+                layer,
+                [self.slots[r] for r in self.sparse_rows],
+                index[self.sparse_rows, 0],
+                k[self.sparse_rows, :, 0],
+            )
 
         valid = self._valid(layer)
         limit = int(valid.max())
         if self.contiguous:
             keys, values = pool.k[layer][:b, :, :limit], pool.v[layer][:b, :, :limit]
         else:
-            keys, values = pool.k[layer][self.slot_index, :, :limit], pool.v[layer][self.slot_index, :, :limit]
+            keys, values = (
+                pool.k[layer][self.slot_index, :, :limit],
+                pool.v[layer][self.slot_index, :, :limit],
+            )
         mask = None
         if int(valid.min()) < limit:
             mask = (torch.arange(limit)[None, :] < valid[:, None])[:, None, None, :]
@@ -279,7 +303,7 @@ class DecodeBackend:
             if mask is not None:
                 logits = logits.masked_fill(~mask, float("-inf"))
             probs = logits.float().softmax(-1)
-            out = (probs.to(values.dtype) @ values)
+            out = probs.to(values.dtype) @ values
             pool.scores[layer][self.slot_index, :, :limit] += probs.sum(2)
         else:
             out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=pool.args.scaling)

@@ -43,8 +43,14 @@ class SlotState:
 
 
 class KVPool:
-    def __init__(self, args: ModelArgs, n_slots: int, capacity: int, max_tokens: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        args: ModelArgs,
+        n_slots: int,
+        capacity: int,
+        max_tokens: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         if n_slots <= 0 or capacity <= 0:
             raise InvalidParameterError("a KV pool needs at least one slot of capacity >= 1")
         self.args, self.n_slots, self.capacity, self.dtype = args, n_slots, capacity, dtype
@@ -106,7 +112,9 @@ class KVPool:
     def layer_len(self, layer: int, slot: int) -> int:
         """Valid entries of a slot in one layer: a sliding layer's ring, else the shared fill."""
         state = self.slots[slot]
-        return min(state.written, self.layer_capacity[layer]) if self.args.layer_windows[layer] else state.fill
+        return (
+            min(state.written, self.layer_capacity[layer]) if self.args.layer_windows[layer] else state.fill
+        )
 
     def tokens_per_layer(self, slot: int) -> list[int]:
         return [self.layer_len(layer, slot) for layer in range(self.args.n_layers)]
@@ -116,8 +124,11 @@ class KVPool:
         if not self.slots[slot].flat:
             return None
         n_heads = self.args.n_kv_heads
-        return [torch.bincount(self.flat_entries(layer, slot)[3], minlength=n_heads).tolist()
-                for layer in range(self.args.n_layers) if not self.args.layer_windows[layer]]
+        return [
+            torch.bincount(self.flat_entries(layer, slot)[3], minlength=n_heads).tolist()
+            for layer in range(self.args.n_layers)
+            if not self.args.layer_windows[layer]
+        ]
 
     def held_nbytes(self, slot: int) -> int:
         """Bytes of K/V actually in use by a slot's tokens."""
@@ -134,14 +145,22 @@ class KVPool:
     def is_flat(self, layer: int, slot: int) -> bool:
         return self.slots[slot].flat and not self.args.layer_windows[layer]
 
-    def flat_view(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def flat_view(
+        self, layer: int, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K [C*Hkv, D], V, pos [C*Hkv], heads [C*Hkv]): a slot's global-layer storage as one entry list."""
         d = self.args.head_dim
         self.ensure_heads()
-        return (self.k[layer][slot].view(-1, d), self.v[layer][slot].view(-1, d), self.pos[layer][slot].view(-1),
-                self.heads[layer][slot].view(-1))
+        return (
+            self.k[layer][slot].view(-1, d),
+            self.v[layer][slot].view(-1, d),
+            self.pos[layer][slot].view(-1),
+            self.heads[layer][slot].view(-1),
+        )
 
-    def flat_entries(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def flat_entries(
+        self, layer: int, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The valid entries of a flat slot: `fill * kv_heads` of them."""
         n = self.slots[slot].fill * self.args.n_kv_heads
         return tuple(t[:n] for t in self.flat_view(layer, slot))

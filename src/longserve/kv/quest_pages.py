@@ -70,7 +70,9 @@ def attend(pool: KVPool, layer: int, slot: int, q: torch.Tensor, n_valid: int) -
     gather = entries[..., None].expand(-1, -1, q.shape[-1])
     keys = pool.k[layer][slot].gather(1, gather)
     values = pool.v[layer][slot].gather(1, gather)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=valid[:, None, :], scale=pool.args.scaling)
+    out = F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=valid[:, None, :], scale=pool.args.scaling
+    )
     state = pool.slots[slot]
     entry = 2 * q.shape[-1] * keys.element_size()
     dense = n_valid * q.shape[0] * entry

@@ -62,8 +62,9 @@ class FusedLinear:
         if torch.is_grad_enabled():
             return False
         parts = [getattr(self.owner, n) for n in self.names]
-        return all(type(p) is nn.Linear for p in parts) and self.key == [(id(p.weight), p.weight._version)
-                                                                       for p in parts]
+        return all(type(p) is nn.Linear for p in parts) and self.key == [
+            (id(p.weight), p.weight._version) for p in parts
+        ]
 
 
 class Attention(nn.Module):

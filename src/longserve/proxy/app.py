@@ -32,8 +32,20 @@ from longserve.specprefill import prompt as P
 from longserve.specprefill.compress import CompressedPrompt, SpeculativePrefill
 
 HEADER = "x-longserve-prompt-tokens"
-_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
-        "proxy-authorization", "proxy-authenticate", "trailer", "accept-encoding", "authorization"}
+_HOP = {
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "trailer",
+    "accept-encoding",
+    "authorization",
+}
 _RESPONSE_DROP = {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding"}
 
 
@@ -63,8 +75,14 @@ class ProxyConfig:
 
 
 class ProxyError(APIError):
-    def __init__(self, message: str, status_code: int = 400, error_type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        error_type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message, status_code=status_code, error_type=error_type, code=code, param=param)
 
 
@@ -93,8 +111,13 @@ class _Plan:
 class Proxy:
     """State shared by the routes: the compressor, the upstream client, a lock (one draft run at a time)."""
 
-    def __init__(self, config: ProxyConfig, compressor: SpeculativePrefill | None, target_tokenizer=None,
-                 client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        config: ProxyConfig,
+        compressor: SpeculativePrefill | None,
+        target_tokenizer=None,
+        client: httpx.AsyncClient | None = None,
+    ):
         self.config, self.sp = config, compressor
         self.tokenizer = target_tokenizer or (compressor.draft.tokenizer if compressor else None)
         self.client = client
@@ -107,14 +130,18 @@ class Proxy:
         if raw is False or (isinstance(raw, dict) and raw.get("enabled") is False):
             return False, cfg.keep, cfg.min_tokens, cfg.roles
         if raw not in (None, True) and not isinstance(raw, dict):
-            raise ProxyError("spec_prefill must be an object like {\"keep\": 0.25} or false", param="spec_prefill")
+            raise ProxyError(
+                'spec_prefill must be an object like {"keep": 0.25} or false', param="spec_prefill"
+            )
         raw = raw if isinstance(raw, dict) else {}
         keep = raw.get("keep", cfg.keep)
         if isinstance(keep, bool) or not isinstance(keep, int | float) or not (0 < keep <= 1):
             raise ProxyError(f"spec_prefill.keep must be in (0, 1], got {keep!r}", param="spec_prefill.keep")
         min_tokens = raw.get("min_tokens", cfg.min_tokens)
         if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-            raise ProxyError("spec_prefill.min_tokens must be an integer >= 0", param="spec_prefill.min_tokens")
+            raise ProxyError(
+                "spec_prefill.min_tokens must be an integer >= 0", param="spec_prefill.min_tokens"
+            )
         roles = raw.get("roles", cfg.roles)
         if isinstance(roles, str):
             roles = [roles]
@@ -135,8 +162,11 @@ class Proxy:
         texts = [P.message_text(m.get("content")) if isinstance(m, dict) else None for m in messages]
         if any(t is None for t in texts) or any(not isinstance(m.get("role"), str) for m in messages):
             return _Plan()  # images, malformed messages: the upstream decides
-        chosen = [i for i, (m, t) in enumerate(zip(messages, texts, strict=True))
-                  if m["role"] in roles and self._long_enough(t, min_tokens)]
+        chosen = [
+            i
+            for i, (m, t) in enumerate(zip(messages, texts, strict=True))
+            if m["role"] in roles and self._long_enough(t, min_tokens)
+        ]
         plain = [{"role": m["role"], "content": t} for m, t in zip(messages, texts, strict=True)]
         if not chosen:
             n = P.count_tokens(self.tokenizer, plain)
@@ -178,20 +208,41 @@ class Proxy:
             headers["authorization"] = request.headers["authorization"]
         return headers
 
-    async def send(self, method: str, path: str, request: Request, *, json_body: dict | None = None,
-                   content: bytes | None = None) -> httpx.Response:
+    async def send(
+        self,
+        method: str,
+        path: str,
+        request: Request,
+        *,
+        json_body: dict | None = None,
+        content: bytes | None = None,
+    ) -> httpx.Response:
         url = f"{self.config.upstream}/{path.lstrip('/')}"
-        req = self.client.build_request(method, url, headers=self.upstream_headers(request), json=json_body,
-                                        content=content, params=request.query_params)
+        req = self.client.build_request(
+            method,
+            url,
+            headers=self.upstream_headers(request),
+            json=json_body,
+            content=content,
+            params=request.query_params,
+        )
         try:
             return await self.client.send(req, stream=True)
         except httpx.TimeoutException as exc:
-            raise ProxyError(f"the upstream {self.config.upstream} timed out ({type(exc).__name__})",
-                             status_code=504, error_type="api_error", code="upstream_timeout") from None
+            raise ProxyError(
+                f"the upstream {self.config.upstream} timed out ({type(exc).__name__})",
+                status_code=504,
+                error_type="api_error",
+                code="upstream_timeout",
+            ) from None
         except httpx.RequestError as exc:
-            raise ProxyError(f"the upstream {self.config.upstream} is unreachable ({type(exc).__name__}: {exc}); "
-                             "check that it is running and that --upstream is right", status_code=502,
-                             error_type="api_error", code="upstream_unreachable") from None
+            raise ProxyError(
+                f"the upstream {self.config.upstream} is unreachable ({type(exc).__name__}: {exc}); "
+                "check that it is running and that --upstream is right",
+                status_code=502,
+                error_type="api_error",
+                code="upstream_unreachable",
+            ) from None
 
 
 async def upstream_error(resp: httpx.Response) -> JSONResponse:
@@ -204,8 +255,14 @@ async def upstream_error(resp: httpx.Response) -> JSONResponse:
         body = None
     if not (isinstance(body, dict) and isinstance(body.get("error"), dict | str)):
         text = raw.decode(errors="replace").strip()[:1000]
-        body = {"error": {"message": f"upstream returned HTTP {resp.status_code}: {text or resp.reason_phrase}",
-                          "type": "upstream_error", "param": None, "code": resp.status_code}}
+        body = {
+            "error": {
+                "message": f"upstream returned HTTP {resp.status_code}: {text or resp.reason_phrase}",
+                "type": "upstream_error",
+                "param": None,
+                "code": resp.status_code,
+            }
+        }
     return JSONResponse(body, status_code=resp.status_code)
 
 
@@ -230,8 +287,14 @@ async def relay_sse(resp: httpx.Response, plan: _Plan) -> AsyncIterator[str]:
                     pass
             yield line + "\n"
     except httpx.HTTPError as exc:  # headers are gone: report in-band, as OpenAI does
-        error = {"error": {"message": f"the upstream stream broke: {type(exc).__name__}: {exc}",
-                           "type": "upstream_error", "param": None, "code": "upstream_stream_error"}}
+        error = {
+            "error": {
+                "message": f"the upstream stream broke: {type(exc).__name__}: {exc}",
+                "type": "upstream_error",
+                "param": None,
+                "code": "upstream_stream_error",
+            }
+        }
         yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
 
 
@@ -241,10 +304,13 @@ def _response_headers(resp: httpx.Response, plan: _Plan) -> dict[str, str]:
     return headers
 
 
-
-
-def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None, *, target_tokenizer=None,
-                     client: httpx.AsyncClient | None = None) -> FastAPI:
+def create_proxy_app(
+    config: ProxyConfig,
+    compressor: SpeculativePrefill | None,
+    *,
+    target_tokenizer=None,
+    client: httpx.AsyncClient | None = None,
+) -> FastAPI:
     """The proxy app. `compressor=None` forwards everything unchanged (a baseline for benchmarks)."""
     proxy = Proxy(config, compressor, target_tokenizer, client)
 
@@ -261,8 +327,14 @@ def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None,
     app = FastAPI(title="longserve proxy", lifespan=lifespan)
     app.state.proxy = proxy
     app.add_exception_handler(LongserveError, lambda _, exc: error_response(exc))
-    app.add_exception_handler(Exception, lambda _, exc: error_response(ProxyError(
-        f"proxy error: {type(exc).__name__}: {exc}", status_code=500, error_type="server_error")))
+    app.add_exception_handler(
+        Exception,
+        lambda _, exc: error_response(
+            ProxyError(
+                f"proxy error: {type(exc).__name__}: {exc}", status_code=500, error_type="server_error"
+            )
+        ),
+    )
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
@@ -281,8 +353,13 @@ def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None,
         headers = _response_headers(resp, plan)
         headers["x-longserve-proxy-ms"] = f"{(time.perf_counter() - start) * 1000:.0f}"
         if "text/event-stream" in resp.headers.get("content-type", ""):
-            return StreamingResponse(relay_sse(resp, plan), status_code=resp.status_code, headers=headers,
-                                     media_type="text/event-stream", background=BackgroundTask(resp.aclose))
+            return StreamingResponse(
+                relay_sse(resp, plan),
+                status_code=resp.status_code,
+                headers=headers,
+                media_type="text/event-stream",
+                background=BackgroundTask(resp.aclose),
+            )
         raw = await resp.aread()
         await resp.aclose()
         try:
@@ -304,14 +381,20 @@ def create_proxy_app(config: ProxyConfig, compressor: SpeculativePrefill | None,
     @app.get("/health")
     async def health() -> JSONResponse:
         draft = compressor.draft.loaded.name if compressor else None
-        return JSONResponse({"status": "ok", "upstream": config.upstream, "draft": draft, "keep": config.keep})
+        return JSONResponse(
+            {"status": "ok", "upstream": config.upstream, "draft": draft, "keep": config.keep}
+        )
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def passthrough(path: str, request: Request) -> Response:
         resp = await proxy.send(request.method, path, request, content=await request.body())
         if resp.status_code >= 400:
             return await upstream_error(resp)
-        return StreamingResponse(resp.aiter_bytes(), status_code=resp.status_code,
-                                 headers=_response_headers(resp, _Plan()), background=BackgroundTask(resp.aclose))
+        return StreamingResponse(
+            resp.aiter_bytes(),
+            status_code=resp.status_code,
+            headers=_response_headers(resp, _Plan()),
+            background=BackgroundTask(resp.aclose),
+        )
 
     return app

@@ -20,8 +20,9 @@ class ThreadServer:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 20.0):
         self.host, self.port, self.timeout_s = host, port or free_port(host), timeout_s
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
-                                                    lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

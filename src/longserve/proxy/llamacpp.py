@@ -60,8 +60,16 @@ class LlamaCppServer:
 
     `cache_prompt=False` makes every request prefill from scratch (fair TTFT comparisons)."""
 
-    def __init__(self, gguf: str | Path, n_ctx: int = 8192, threads: int = 1, parallel: int = 1,
-                 cache_prompt: bool = False, startup_timeout_s: float = 30.0, log: str | Path | None = None):
+    def __init__(
+        self,
+        gguf: str | Path,
+        n_ctx: int = 8192,
+        threads: int = 1,
+        parallel: int = 1,
+        cache_prompt: bool = False,
+        startup_timeout_s: float = 30.0,
+        log: str | Path | None = None,
+    ):
         self.gguf, self.n_ctx, self.threads, self.parallel = Path(gguf), n_ctx, threads, parallel
         self.cache_prompt, self.timeout, self.log = cache_prompt, startup_timeout_s, log
         self.proc: subprocess.Popen | None = None
@@ -72,8 +80,19 @@ class LlamaCppServer:
         reason = missing_reason()
         if reason:
             raise LlamaCppError(reason)
-        cmd = [sys.executable, "-m", "longserve.proxy.llamacpp", "--gguf", str(self.gguf), "--ctx", str(self.n_ctx),
-               "--threads", str(self.threads), "--parallel", str(self.parallel)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "longserve.proxy.llamacpp",
+            "--gguf",
+            str(self.gguf),
+            "--ctx",
+            str(self.n_ctx),
+            "--threads",
+            str(self.threads),
+            "--parallel",
+            str(self.parallel),
+        ]
         if not self.cache_prompt:
             cmd.append("--no-cache-prompt")
         log = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 (closed in __exit__)
@@ -90,8 +109,10 @@ class LlamaCppServer:
                     break
         if not line.startswith(b"LISTENING "):
             self.__exit__(None, None, None)
-            raise LlamaCppError(f"llama.cpp's server did not start within {self.timeout:.0f} s "
-                                f"(exit code {self.proc.returncode}); see {self.log or 'its stderr'}")
+            raise LlamaCppError(
+                f"llama.cpp's server did not start within {self.timeout:.0f} s "
+                f"(exit code {self.proc.returncode}); see {self.log or 'its stderr'}"
+            )
         self.url = line.split()[1].decode().rstrip("/") + "/v1"
         self.startup_s = time.monotonic() - start
         return self

@@ -7,8 +7,14 @@ lazily so that building the CLI parser (which imports `longserve.server.cli`) st
 
 from importlib import import_module
 
-_EXPORTS = {"create_app": "app", "AsyncEngine": "async_engine", "BackgroundServer": "background",
-            "KVPlan": "kv_plan", "plan_kv": "kv_plan", "SpeculativeEngine": "speculative"}
+_EXPORTS = {
+    "create_app": "app",
+    "AsyncEngine": "async_engine",
+    "BackgroundServer": "background",
+    "KVPlan": "kv_plan",
+    "plan_kv": "kv_plan",
+    "SpeculativeEngine": "speculative",
+}
 
 __all__ = list(_EXPORTS)
 

@@ -92,11 +92,15 @@ class _ChatFormat(_Format):
     prefix = "chatcmpl"
 
     def start(self) -> BaseModel:
-        return ChatCompletionChunk(**self._head(), choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+        return ChatCompletionChunk(
+            **self._head(), choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))]
+        )
 
     def piece(self, text: str, finish_reason: str | None) -> BaseModel:
         delta = Delta(content=text or None)
-        return ChatCompletionChunk(**self._head(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return ChatCompletionChunk(
+            **self._head(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
+        )
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(**self._head(), choices=[], usage=usage)
@@ -171,8 +175,12 @@ class ServerState:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.aliases:
-            raise APIError(f"the model '{name}' does not exist; this server serves '{self.model_id}'",
-                           status_code=404, param="model", code="model_not_found")
+            raise APIError(
+                f"the model '{name}' does not exist; this server serves '{self.model_id}'",
+                status_code=404,
+                param="model",
+                code="model_not_found",
+            )
 
     def policy(self, spec: KVPolicySpec | None) -> Policy:
         """The server's default policy, adjusted (same name) or replaced (another name) by the request."""
@@ -197,7 +205,9 @@ class ServerState:
             try:
                 return self.llm.encode(messages)
             except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
-                raise APIError(f"the chat template rejected these messages: {exc}", param="messages") from None
+                raise APIError(
+                    f"the chat template rejected these messages: {exc}", param="messages"
+                ) from None
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return list(tokenizer.encode(text, add_special_tokens=True))
 
@@ -212,8 +222,11 @@ class ServerState:
     def speculative(self, request: GenerationRequest) -> bool:
         """Whether this request goes through the speculative decoder."""
         if request.speculative and self.spec is None:
-            raise APIError("speculative decoding was requested but this server has no draft model "
-                           "(start it with --draft MODEL)", param="speculative")
+            raise APIError(
+                "speculative decoding was requested but this server has no draft model "
+                "(start it with --draft MODEL)",
+                param="speculative",
+            )
         return self.spec is not None and request.speculative is not False
 
     def max_new_tokens(self, request: GenerationRequest, n: int) -> int:
@@ -227,7 +240,8 @@ class ServerState:
         if n + max_new > self.max_model_len or max_new < 1:
             raise ContextLengthError(
                 f"this server's maximum context length is {self.max_model_len} tokens; the prompt has {n} "
-                f"tokens and max_tokens is {max_new}; shorten the prompt or lower max_tokens")
+                f"tokens and max_tokens is {max_new}; shorten the prompt or lower max_tokens"
+            )
         return max_new
 
     async def prepare(self, request: GenerationRequest, ids: list[int], prompt) -> PreparedPrompt:
@@ -250,8 +264,13 @@ class ServerState:
         m.spec_prefill_kept_tokens.inc(len(cp.ids))
         return PreparedPrompt(list(cp.ids), cp.positions, cp)
 
-    def submit(self, request: GenerationRequest, prompt: PreparedPrompt | list[int], request_id: str,
-               arrival: float | None = None) -> RequestStream:
+    def submit(
+        self,
+        request: GenerationRequest,
+        prompt: PreparedPrompt | list[int],
+        request_id: str,
+        arrival: float | None = None,
+    ) -> RequestStream:
         """Validate everything that can be a 400 now, before any response byte is sent, then queue."""
         if not isinstance(prompt, PreparedPrompt):
             prompt = PreparedPrompt(list(prompt))
@@ -262,17 +281,18 @@ class ServerState:
         self.engine.engine.check(len(prompt.ids), params, policy, positions=prompt.positions)
         if self.speculative(request):
             if prompt.positions is not None:  # create_app refuses the combination; never run it wrongly
-                raise APIError("speculative decoding cannot run a pruned prompt; send \"spec_prefill\": false",
-                               param="spec_prefill")
+                raise APIError(
+                    'speculative decoding cannot run a pruned prompt; send "spec_prefill": false',
+                    param="spec_prefill",
+                )
             self.spec.check(len(prompt.ids), params)
             return self.spec.submit(prompt.ids, params, policy, request_id, arrival=arrival)
-        return self.engine.submit(prompt.ids, params, policy, request_id, positions=prompt.positions,
-                                  arrival=arrival)
+        return self.engine.submit(
+            prompt.ids, params, policy, request_id, positions=prompt.positions, arrival=arrival
+        )
 
 
 # ---- HTTP plumbing ------------------------------------------------------------------------------
-
-
 
 
 async def _stream_events(stream: RequestStream, fmt: _Format, include_usage: bool, prompt: PreparedPrompt):
@@ -312,17 +332,36 @@ async def _collect(stream: RequestStream, request: Request) -> StepOutput | None
     return last if last is not None and last.finished else None
 
 
-async def _respond(state: ServerState, request: Request, body: GenerationRequest, prompt: PreparedPrompt,
-                   fmt: _Format, arrival: float) -> Response:
+async def _respond(
+    state: ServerState,
+    request: Request,
+    body: GenerationRequest,
+    prompt: PreparedPrompt,
+    fmt: _Format,
+    arrival: float,
+) -> Response:
     stream = state.submit(body, prompt, fmt.id, arrival)
     if body.stream:
         events = _stream_events(stream, fmt, body.include_usage, prompt)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS,
-                                 background=BackgroundTask(stream.close))
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers=_SSE_HEADERS,
+            background=BackgroundTask(stream.close),
+        )
     last = await _collect(stream, request)
     if last is None:
-        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed",
-                                       "param": None, "code": None}}, status_code=499)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "client disconnected",
+                    "type": "client_closed",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=499,
+        )
     return JSONResponse(fmt.final(last.seq, _usage(last.seq, prompt), _stats(last.seq, prompt)).model_dump())
 
 
@@ -341,15 +380,25 @@ def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(APIError(f"internal error: {type(exc).__name__}: {exc}", status_code=500,
-                                    error_type="server_error"))
+    return error_response(
+        APIError(f"internal error: {type(exc).__name__}: {exc}", status_code=500, error_type="server_error")
+    )
 
 
-def create_app(llm, *, served_model_name: str | None = None, kv_policy: Policy | None = None,
-               max_model_len: int | None = None, max_batch_size: int | None = None,
-               max_kv_memory: str | int | None = None, max_waiting: int | None = None,
-               default_max_tokens: int | None = None, api_key: str | None = None,
-               spec_prefill: SpeculativePrefill | None = None, speculative=None) -> FastAPI:
+def create_app(
+    llm,
+    *,
+    served_model_name: str | None = None,
+    kv_policy: Policy | None = None,
+    max_model_len: int | None = None,
+    max_batch_size: int | None = None,
+    max_kv_memory: str | int | None = None,
+    max_waiting: int | None = None,
+    default_max_tokens: int | None = None,
+    api_key: str | None = None,
+    spec_prefill: SpeculativePrefill | None = None,
+    speculative=None,
+) -> FastAPI:
     """An app serving `llm` (a `longserve.LLM`).
 
     `kv_policy`: the server-wide default (else the LLM's); requests may pick another with the
@@ -366,23 +415,49 @@ def create_app(llm, *, served_model_name: str | None = None, kv_policy: Policy |
     if speculative is not None and speculative.target is not llm:
         raise InvalidParameterError("the speculative decoder's target is not the served LLM")
     if speculative is not None and spec_prefill is not None:
-        raise InvalidParameterError("speculative prefill (--prefill-draft) and speculative decoding (--draft) "
-                                    "cannot be combined yet: the speculative decoder takes no position ids")
+        raise InvalidParameterError(
+            "speculative prefill (--prefill-draft) and speculative decoding (--draft) "
+            "cannot be combined yet: the speculative decoder takes no position ids"
+        )
     policy = kv_policy if kv_policy is not None else llm.policy()
-    plan = plan_kv(llm, policy, max_model_len=max_model_len, max_batch_size=max_batch_size,
-                   max_kv_memory=max_kv_memory)
+    plan = plan_kv(
+        llm, policy, max_model_len=max_model_len, max_batch_size=max_batch_size, max_kv_memory=max_kv_memory
+    )
     shared_metrics = Metrics()
-    engine = AsyncEngine(llm._engine(plan.n_slots, plan.slot_capacity), max_waiting=max_waiting,
-                         metrics=shared_metrics)
-    spec = SpeculativeEngine(speculative, max_waiting=max_waiting, metrics=shared_metrics) if speculative else None
+    engine = AsyncEngine(
+        llm._engine(plan.n_slots, plan.slot_capacity), max_waiting=max_waiting, metrics=shared_metrics
+    )
+    spec = (
+        SpeculativeEngine(speculative, max_waiting=max_waiting, metrics=shared_metrics)
+        if speculative
+        else None
+    )
     workers = [engine] + ([spec] if spec is not None else [])
     name = llm.loaded.name
     model_id = served_model_name or name
-    state = ServerState(llm, engine, plan, policy, model_id, frozenset({model_id, name, Path(str(name)).name}),
-                        default_max_tokens, ServerPrefill(spec_prefill), spec)
-    features = {"speculative": spec.describe() if spec is not None else None,
-                "spec_prefill": ({"draft": state.prefill.draft_name, "keep": spec_prefill.config.keep,
-                                  "keep_tail": spec_prefill.config.keep_tail} if spec_prefill is not None else None)}
+    state = ServerState(
+        llm,
+        engine,
+        plan,
+        policy,
+        model_id,
+        frozenset({model_id, name, Path(str(name)).name}),
+        default_max_tokens,
+        ServerPrefill(spec_prefill),
+        spec,
+    )
+    features = {
+        "speculative": spec.describe() if spec is not None else None,
+        "spec_prefill": (
+            {
+                "draft": state.prefill.draft_name,
+                "keep": spec_prefill.config.keep,
+                "keep_tail": spec_prefill.config.keep_tail,
+            }
+            if spec_prefill is not None
+            else None
+        ),
+    }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -422,9 +497,15 @@ def create_app(llm, *, served_model_name: str | None = None, kv_policy: Policy |
 
     @v1.get("/models")
     async def models() -> dict:
-        card = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "longserve",
-                "root": str(name), "max_model_len": plan.max_model_len,
-                "longserve": {"kv": plan.as_dict(), **features}}
+        card = {
+            "id": model_id,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "longserve",
+            "root": str(name),
+            "max_model_len": plan.max_model_len,
+            "longserve": {"kv": plan.as_dict(), **features},
+        }
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)
@@ -436,8 +517,15 @@ def create_app(llm, *, served_model_name: str | None = None, kv_policy: Policy |
         running, waiting = len(engine.engine.scheduler.running), engine.num_waiting
         if spec is not None:
             running, waiting = running + spec.num_running, waiting + spec.num_waiting
-        body = {"status": "ok" if ok else "engine not running", "model": model_id, "kv": plan.as_dict(),
-                "running": running, "waiting": waiting, "free_slots": pool.n_free, **features}
+        body = {
+            "status": "ok" if ok else "engine not running",
+            "model": model_id,
+            "kv": plan.as_dict(),
+            "running": running,
+            "waiting": waiting,
+            "free_slots": pool.n_free,
+            **features,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -122,8 +122,15 @@ class EngineThread:
         self._send(("stop", None))
         self._thread.join(timeout)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, policy: Policy, request_id: str,
-               positions: list[int] | None = None, arrival: float | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        policy: Policy,
+        request_id: str,
+        positions: list[int] | None = None,
+        arrival: float | None = None,
+    ) -> RequestStream:
         """Queue a request (raises `QueueFullError` at once if too many wait); iterate the result.
         `positions`: original position ids of a pruned prompt; `arrival`: when the HTTP request came in
         (TTFT then includes tokenization and prompt compression; default: now)."""
@@ -259,8 +266,13 @@ class AsyncEngine(EngineThread):
     def _add(self, request: _Request) -> None:
         self._requests[request.request_id] = request
         try:
-            seq = self.engine.add_request(request.prompt_ids, request.params, request.policy,
-                                          request_id=request.request_id, positions=request.positions)
+            seq = self.engine.add_request(
+                request.prompt_ids,
+                request.params,
+                request.policy,
+                request_id=request.request_id,
+                positions=request.positions,
+            )
             seq.arrival = request.arrival  # TTFT counts the time spent in our queue too
         except Exception as exc:  # a bad request must not stop the loop
             self._fail(request, exc)

@@ -15,16 +15,23 @@ def register(sub) -> None:
     from longserve.zoo import DEFAULT_MODEL
 
     p: argparse.ArgumentParser = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (continuous batching, KV compression, /metrics)")
+        "serve", help="OpenAI-compatible HTTP server (continuous batching, KV compression, /metrics)"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, HF directory or .gguf file")
     p.add_argument("--served-model-name", help="model id clients use (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LONGSERVE_API_KEY)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LONGSERVE_API_KEY)"
+    )
     p.add_argument("--max-kv-memory", help="KV cache budget: bytes (4GiB, 512MB) or tokens (65536tok)")
-    p.add_argument("--max-model-len", type=int, help="prompt + output tokens per request (default: context window)")
+    p.add_argument(
+        "--max-model-len", type=int, help="prompt + output tokens per request (default: context window)"
+    )
     p.add_argument("--max-batch-size", type=int, default=8, help="most sequences decoded together (KV slots)")
-    p.add_argument("--max-waiting", type=int, default=128, help="queued requests beyond which 429 is returned")
+    p.add_argument(
+        "--max-waiting", type=int, default=128, help="queued requests beyond which 429 is returned"
+    )
     p.add_argument("--default-max-tokens", type=int, help="max_tokens when a request gives none")
     p.add_argument("--prefill-chunk", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -35,12 +42,21 @@ def register(sub) -> None:
         "speculative decoding (a draft proposes tokens, the target verifies them)",
         "Batch 1: speculative requests run one at a time (FIFO), outside the continuous batch, because every "
         "sequence has its own draft/verify rounds and accepted lengths. Lower latency per stream, less "
-        "throughput under load; a request may opt out with the body field \"speculative\": false. Cannot be "
-        "combined with --prefill-draft yet.")
-    g.add_argument("--draft", metavar="MODEL",
-                   help="draft model for speculative decoding (must share the target's tokenizer)")
-    g.add_argument("--num-draft-tokens", type=int, default=4, metavar="K",
-                   help="draft tokens per verification (start value; adapts to acceptance) (default 4)")
+        'throughput under load; a request may opt out with the body field "speculative": false. Cannot be '
+        "combined with --prefill-draft yet.",
+    )
+    g.add_argument(
+        "--draft",
+        metavar="MODEL",
+        help="draft model for speculative decoding (must share the target's tokenizer)",
+    )
+    g.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=4,
+        metavar="K",
+        help="draft tokens per verification (start value; adapts to acceptance) (default 4)",
+    )
     from longserve.specprefill.cli import add_args as add_spec_prefill_args
 
     add_spec_prefill_args(p, keep_alias=False)
@@ -65,26 +81,50 @@ def cmd_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get("LONGSERVE_API_KEY") or None
     if api_key is None and args.host not in _LOOPBACK:
-        print(f"warning: serving on {args.host} without an API key; anyone who can reach it can use it",
-              file=sys.stderr)
-    llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.max_batch_size, prefill_chunk=args.prefill_chunk,
-              threads=args.threads, draft=args.draft, num_draft_tokens=args.num_draft_tokens, **policy_kwargs(args))
+        print(
+            f"warning: serving on {args.host} without an API key; anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        prefill_chunk=args.prefill_chunk,
+        threads=args.threads,
+        draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
+        **policy_kwargs(args),
+    )
     spec_prefill = from_args(args)
-    app = create_app(llm, served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-                     max_batch_size=args.max_batch_size, max_kv_memory=args.max_kv_memory,
-                     max_waiting=args.max_waiting, default_max_tokens=args.default_max_tokens, api_key=api_key,
-                     spec_prefill=spec_prefill)
+    app = create_app(
+        llm,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_batch_size=args.max_batch_size,
+        max_kv_memory=args.max_kv_memory,
+        max_waiting=args.max_waiting,
+        default_max_tokens=args.default_max_tokens,
+        api_key=api_key,
+        spec_prefill=spec_prefill,
+    )
     state = app.state.server
     plan = state.plan
     extras = ""
     if state.spec is not None:
-        extras += (f" | speculative decoding: draft '{state.spec.draft_name}', k={args.num_draft_tokens} "
-                   "(batch 1: one request at a time)")
+        extras += (
+            f" | speculative decoding: draft '{state.spec.draft_name}', k={args.num_draft_tokens} "
+            "(batch 1: one request at a time)"
+        )
     if spec_prefill is not None:
-        extras += f" | speculative prefill: draft '{state.prefill.draft_name}', keep {spec_prefill.config.keep:g}"
-    print(f"serving '{state.model_id}' at http://{args.host}:{args.port}/v1 | KV '{plan.policy}': {plan.n_slots} "
-          f"slots x {plan.slot_capacity} tok ({_human(plan.slot_bytes)} each, {_human(plan.pool_bytes)} total), "
-          f"{plan.capacity_ratio:.1f}x the sequences of 'full' per byte | max_model_len {plan.max_model_len}"
-          f"{extras}{' | API key required' if api_key else ''}", file=sys.stderr)
+        extras += (
+            f" | speculative prefill: draft '{state.prefill.draft_name}', keep {spec_prefill.config.keep:g}"
+        )
+    print(
+        f"serving '{state.model_id}' at http://{args.host}:{args.port}/v1 | KV '{plan.policy}': {plan.n_slots} "
+        f"slots x {plan.slot_capacity} tok ({_human(plan.slot_bytes)} each, {_human(plan.pool_bytes)} total), "
+        f"{plan.capacity_ratio:.1f}x the sequences of 'full' per byte | max_model_len {plan.max_model_len}"
+        f"{extras}{' | API key required' if api_key else ''}",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

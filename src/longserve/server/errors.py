@@ -17,8 +17,16 @@ from longserve.errors import ContextLengthError, LongserveError
 class APIError(LongserveError):
     """An error with an explicit HTTP status, OpenAI `type`, `param` and `code`."""
 
-    def __init__(self, message: str, *, status_code: int = 400, error_type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 400,
+        error_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code, self.error_type, self.param, self.code = status_code, error_type, param, code
         self.headers = headers or {}
@@ -28,17 +36,25 @@ class QueueFullError(APIError):
     """Too many requests wait for a KV slot; clients should back off (429 + Retry-After)."""
 
     def __init__(self, waiting: int, retry_after_s: int = 1):
-        super().__init__(f"the server is at capacity ({waiting} requests already wait for a KV slot); "
-                         "retry later", status_code=429, error_type="rate_limit_error",
-                         code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
+        super().__init__(
+            f"the server is at capacity ({waiting} requests already wait for a KV slot); retry later",
+            status_code=429,
+            error_type="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry_after_s)},
+        )
 
 
 class RequestFailedError(APIError):
     """An unexpected exception while generating one request; only that request fails."""
 
     def __init__(self, exc: BaseException):
-        super().__init__(f"generation failed: {type(exc).__name__}: {exc}", status_code=500,
-                         error_type="server_error", code="internal_error")
+        super().__init__(
+            f"generation failed: {type(exc).__name__}: {exc}",
+            status_code=500,
+            error_type="server_error",
+            code="internal_error",
+        )
 
 
 def error_body(exc: LongserveError) -> dict:
@@ -46,8 +62,14 @@ def error_body(exc: LongserveError) -> dict:
     code = getattr(exc, "code", None)
     if code is None and isinstance(exc, ContextLengthError):
         code = "context_length_exceeded"
-    return {"error": {"message": str(exc), "type": exc.error_type, "param": getattr(exc, "param", None),
-                      "code": code}}
+    return {
+        "error": {
+            "message": str(exc),
+            "type": exc.error_type,
+            "param": getattr(exc, "param", None),
+            "code": code,
+        }
+    }
 
 
 def error_response(exc: LongserveError) -> JSONResponse:
@@ -65,8 +87,12 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
-                error = APIError("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                 status_code=401, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                error = APIError(
+                    "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    status_code=401,
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -16,8 +16,22 @@ from longserve.errors import InvalidParameterError
 from longserve.kv.cache import KVPool
 from longserve.kv.policies import Policy
 
-_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 _TOKEN_UNITS = ("tok", "toks", "token", "tokens")
 
 
@@ -77,14 +91,21 @@ class KVPlan:
         return {**asdict(self), "pool_bytes": self.pool_bytes, "capacity_ratio_vs_full": self.capacity_ratio}
 
 
-def plan_kv(llm, policy: Policy, *, max_model_len: int | None = None, max_batch_size: int | None = None,
-            max_kv_memory: str | int | None = None) -> KVPlan:
+def plan_kv(
+    llm,
+    policy: Policy,
+    *,
+    max_model_len: int | None = None,
+    max_batch_size: int | None = None,
+    max_kv_memory: str | int | None = None,
+) -> KVPlan:
     """Size the engine for `llm` serving `policy` by default; raises if not even one slot fits."""
     window = llm.context_window
     max_model_len = max_model_len or window
     if not 0 < max_model_len <= window:
-        raise InvalidParameterError(f"max_model_len must be in [1, {window}] (the model's context window), "
-                                    f"got {max_model_len}")
+        raise InvalidParameterError(
+            f"max_model_len must be in [1, {window}] (the model's context window), got {max_model_len}"
+        )
     batch = max_batch_size or llm.max_batch_size
     if batch < 1:
         raise InvalidParameterError(f"max_batch_size must be >= 1, got {batch}")
@@ -102,7 +123,17 @@ def plan_kv(llm, policy: Policy, *, max_model_len: int | None = None, max_batch_
             raise InvalidParameterError(
                 f"--max-kv-memory {max_kv_memory} does not hold one sequence slot ({capacity} tokens, "
                 f"{slot_b} bytes under '{policy.name}'); raise it, lower --max-model-len or use a "
-                "compressing policy such as snapstream")
+                "compressing policy such as snapstream"
+            )
     n_slots = batch if fit is None else min(batch, fit)
-    return KVPlan(policy.name, max_model_len, capacity, slot_b, n_slots, full_b,
-                  None if max_kv_memory is None else str(max_kv_memory), fit, fit_full)
+    return KVPlan(
+        policy.name,
+        max_model_len,
+        capacity,
+        slot_b,
+        n_slots,
+        full_b,
+        None if max_kv_memory is None else str(max_kv_memory),
+        fit,
+        fit_full,
+    )

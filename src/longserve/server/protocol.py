@@ -83,9 +83,15 @@ class GenerationRequest(BaseModel):
         return self.max_tokens
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(self.top_k, 0), seed=self.seed, stop=list(self.stop or []),
-                              ignore_eos=self.ignore_eos)
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=max(self.top_k, 0),
+            seed=self.seed,
+            stop=list(self.stop or []),
+            ignore_eos=self.ignore_eos,
+        )
 
 
 def _reject_if_set(value: Any, field: str) -> Any:
@@ -167,9 +173,15 @@ class Usage(BaseModel):
     original_prompt_tokens: int | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, original_prompt_tokens: int | None = None) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens, original_prompt_tokens=original_prompt_tokens)
+    def of(
+        cls, prompt_tokens: int, completion_tokens: int, original_prompt_tokens: int | None = None
+    ) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            original_prompt_tokens=original_prompt_tokens,
+        )
 
     @model_serializer(mode="wrap")
     def _omit_absent(self, handler) -> dict[str, Any]:

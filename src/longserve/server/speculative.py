@@ -53,8 +53,14 @@ class SpeculativeEngine(EngineThread):
 
     def describe(self) -> dict:
         d = self.decoder
-        return {"draft": self.draft_name, "num_draft_tokens": d.k, "adaptive": d.adaptive, "k_min": d.k_min,
-                "k_max": d.k_max, "batch_size": 1}
+        return {
+            "draft": self.draft_name,
+            "num_draft_tokens": d.k,
+            "adaptive": d.adaptive,
+            "k_min": d.k_min,
+            "k_max": d.k_max,
+            "batch_size": 1,
+        }
 
     def check(self, prompt_len: int, params: SamplingParams) -> None:
         """What the decoder would refuse only once the request runs (the draft's context window)."""
@@ -63,7 +69,8 @@ class SpeculativeEngine(EngineThread):
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}) exceed the context window "
                 f"of the speculative draft {self.draft_name!r} ({window} tokens); lower max_tokens or send "
-                "\"speculative\": false")
+                '"speculative": false'
+            )
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -92,8 +99,17 @@ class SpeculativeEngine(EngineThread):
         run, recorded = None, False
         try:
             p = request.params
-            run = self.decoder.session(request.prompt_ids, p.max_new_tokens, p.temperature, p.top_p, p.top_k,
-                                       p.seed, p.stop, request.policy, ignore_eos=p.ignore_eos)
+            run = self.decoder.session(
+                request.prompt_ids,
+                p.max_new_tokens,
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                p.seed,
+                p.stop,
+                request.policy,
+                ignore_eos=p.ignore_eos,
+            )
             run.seq.arrival = request.arrival  # TTFT counts the time spent in the queue too
             for out in run:
                 if self._requests.get(request.request_id) is not request:
@@ -121,8 +137,9 @@ class SpeculativeEngine(EngineThread):
 
     def _record(self, run) -> None:
         spec, m = run.seq.spec, self.metrics
-        proposed, accepted, rounds = (spec.get(k, 0) for k in ("draft_tokens_proposed", "draft_tokens_accepted",
-                                                               "verify_rounds"))
+        proposed, accepted, rounds = (
+            spec.get(k, 0) for k in ("draft_tokens_proposed", "draft_tokens_accepted", "verify_rounds")
+        )
         m.spec_draft_tokens.inc(proposed)
         m.spec_accepted_tokens.inc(accepted)
         m.spec_verify_rounds.inc(rounds)

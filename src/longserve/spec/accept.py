@@ -28,8 +28,9 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return r / total if total > 0 else p
 
 
-def stochastic_accept(drafts: list[int], q: torch.Tensor, p: torch.Tensor,
-                      generator: torch.Generator | None = None) -> tuple[int, int]:
+def stochastic_accept(
+    drafts: list[int], q: torch.Tensor, p: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[int, int]:
     """drafts (k) sampled from q [k, V]; target probabilities p [k+1, V] -> (accepted n, next token)."""
     k = len(drafts)
     if k:

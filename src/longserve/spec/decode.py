@@ -31,8 +31,14 @@ from longserve.llm import LLM, Completion, Prompt
 from longserve.spec.accept import greedy_accept, stochastic_accept
 from longserve.spec.rollback import SpeculativeSlot
 
-_PROBES = ("def main():\n    return 0\n", "Hello, world! The quick brown fox.", "  x = [i ** 2 for i in range(10)]",
-           "Ünïcödé ✓ 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", "1234567890 !@#$%^&*()")
+_PROBES = (
+    "def main():\n    return 0\n",
+    "Hello, world! The quick brown fox.",
+    "  x = [i ** 2 for i in range(10)]",
+    "Ünïcödé ✓ 日本語 🙂",
+    "<|im_start|>user\nhi<|im_end|>",
+    "1234567890 !@#$%^&*()",
+)
 
 
 class TokenizerMismatchError(LongserveError):
@@ -50,12 +56,14 @@ def check_same_tokenizer(target: LLM, draft: LLM) -> None:
             diff = next((tok for tok, i in t_vocab.items() if d_vocab.get(tok) != i), None)
             raise TokenizerMismatchError(
                 f"{names} use different tokenizers ({len(t_vocab)} vs {len(d_vocab)} tokens; e.g. {diff!r} is "
-                f"{t_vocab.get(diff)} vs {d_vocab.get(diff)}); speculative decoding needs a shared vocabulary: {hint}")
+                f"{t_vocab.get(diff)} vs {d_vocab.get(diff)}); speculative decoding needs a shared vocabulary: {hint}"
+            )
     for text in _PROBES:
         a, b = t_tok.encode(text, add_special_tokens=True), d_tok.encode(text, add_special_tokens=True)
         if list(a) != list(b):
             raise TokenizerMismatchError(
-                f"{names} tokenize {text!r} differently ({list(a)[:8]}... vs {list(b)[:8]}...); {hint}")
+                f"{names} tokenize {text!r} differently ({list(a)[:8]}... vs {list(b)[:8]}...); {hint}"
+            )
 
 
 @dataclass
@@ -73,24 +81,32 @@ class SpecSequence(Sequence):
     def stats(self) -> dict:
         out = super().stats()
         s = self.spec
-        proposed, accepted, rounds = s.get("draft_tokens_proposed", 0), s.get("draft_tokens_accepted", 0), \
-            s.get("verify_rounds", 0)
+        proposed, accepted, rounds = (
+            s.get("draft_tokens_proposed", 0),
+            s.get("draft_tokens_accepted", 0),
+            s.get("verify_rounds", 0),
+        )
         out.update(s)
         out["acceptance_rate"] = accepted / proposed if proposed else None
         out["mean_accepted_length"] = accepted / rounds if rounds else None
-        out["tokens_per_target_forward"] = (len(self.output_ids) - 1) / s["target_forward_passes"] \
-            if s.get("target_forward_passes") else None
+        out["tokens_per_target_forward"] = (
+            (len(self.output_ids) - 1) / s["target_forward_passes"]
+            if s.get("target_forward_passes")
+            else None
+        )
         return out
 
 
 def format_stats(stats: dict) -> str:
     """One line for the CLI."""
     rate = stats.get("acceptance_rate")
-    return (f"[speculative: draft {stats.get('draft_model')} | {stats.get('draft_tokens_accepted', 0)}/"
-            f"{stats.get('draft_tokens_proposed', 0)} drafts accepted"
-            f"{f' ({rate:.0%})' if rate is not None else ''} | mean accepted "
-            f"{stats.get('mean_accepted_length') or 0:.2f} | {stats.get('target_forward_passes', 0)} target "
-            f"forwards for {stats.get('completion_tokens', 0)} tokens | k now {stats.get('k_final')}]")
+    return (
+        f"[speculative: draft {stats.get('draft_model')} | {stats.get('draft_tokens_accepted', 0)}/"
+        f"{stats.get('draft_tokens_proposed', 0)} drafts accepted"
+        f"{f' ({rate:.0%})' if rate is not None else ''} | mean accepted "
+        f"{stats.get('mean_accepted_length') or 0:.2f} | {stats.get('target_forward_passes', 0)} target "
+        f"forwards for {stats.get('completion_tokens', 0)} tokens | k now {stats.get('k_final')}]"
+    )
 
 
 class SpeculativeDecoder:
@@ -100,8 +116,15 @@ class SpeculativeDecoder:
     every draft was accepted and shrinks by one after a rejection, within [`k_min`, `k_max`].
     """
 
-    def __init__(self, target: LLM, draft: LLM, k: int = 4, adaptive: bool = True, k_min: int = 1,
-                 k_max: int | None = None):
+    def __init__(
+        self,
+        target: LLM,
+        draft: LLM,
+        k: int = 4,
+        adaptive: bool = True,
+        k_min: int = 1,
+        k_max: int | None = None,
+    ):
         if not isinstance(k, int) or k <= 0:
             raise InvalidParameterError(f"the number of draft tokens must be an integer >= 1, got {k!r}")
         k_max = k_max if k_max is not None else max(2 * k, 8) if adaptive else k
@@ -113,41 +136,102 @@ class SpeculativeDecoder:
         self.vocab = target.loaded.args.vocab_size
 
     # ---- public API ----------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                 kv_policy: str | Policy | None = None, kv_budget: int | None = None,
-                 kv_ratio: float | None = None, ignore_eos: bool = False, progress: bool = False,
-                 **policy_kwargs) -> Completion | list[Completion]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        ignore_eos: bool = False,
+        progress: bool = False,
+        **policy_kwargs,
+    ) -> Completion | list[Completion]:
         """One prompt (text, chat messages or token ids) -> a Completion; a list of prompts -> a list,
         run one after another."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts)
-                                              and isinstance(prompts[0], dict | int))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict | int)
+        )
         batch = [prompts] if single else list(prompts)
         out = []
         for prompt in tqdm(batch, disable=not progress, desc="speculative", unit="prompt"):
             last = None
-            for piece in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, kv_policy,
-                                     kv_budget, kv_ratio, ignore_eos=ignore_eos, **policy_kwargs):
+            for piece in self.stream(
+                prompt,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop,
+                kv_policy,
+                kv_budget,
+                kv_ratio,
+                ignore_eos=ignore_eos,
+                **policy_kwargs,
+            ):
                 last = piece
             seq = last.seq
-            out.append(Completion(seq.text, list(seq.output_ids), seq.prompt_len, seq.finish_reason, seq.stats()))
+            out.append(
+                Completion(seq.text, list(seq.output_ids), seq.prompt_len, seq.finish_reason, seq.stats())
+            )
         return out[0] if single else out
 
-    def stream(self, prompt: Prompt | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-               kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
-               ignore_eos: bool = False, draft_kv_policy: str | Policy | None = None,
-               **policy_kwargs) -> Iterator[StepOutput]:
+    def stream(
+        self,
+        prompt: Prompt | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        ignore_eos: bool = False,
+        draft_kv_policy: str | Policy | None = None,
+        **policy_kwargs,
+    ) -> Iterator[StepOutput]:
         """Yield text pieces like `LLM.stream`; the last has `finished=True` and `seq.stats()` with the
         speculative counters. The draft uses the target's KV policy unless `draft_kv_policy` is given."""
-        yield from self.session(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, kv_policy, kv_budget,
-                                kv_ratio, ignore_eos, draft_kv_policy, **policy_kwargs)
+        yield from self.session(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            kv_policy,
+            kv_budget,
+            kv_ratio,
+            ignore_eos,
+            draft_kv_policy,
+            **policy_kwargs,
+        )
 
-    def session(self, prompt: Prompt | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                kv_policy: str | Policy | None = None, kv_budget: int | None = None, kv_ratio: float | None = None,
-                ignore_eos: bool = False, draft_kv_policy: str | Policy | None = None,
-                **policy_kwargs) -> SpeculativeRun:
+    def session(
+        self,
+        prompt: Prompt | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy: str | Policy | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        ignore_eos: bool = False,
+        draft_kv_policy: str | Policy | None = None,
+        **policy_kwargs,
+    ) -> SpeculativeRun:
         """A request to drive by hand: `start()` (prefill, first token), then `round()` until
         `seq.is_finished`; iterating it does both. Its engines and slots stay inspectable."""
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []), ignore_eos)
@@ -157,18 +241,29 @@ class SpeculativeDecoder:
         else:
             draft_policy = self.draft.policy(draft_kv_policy)
         if policy.head_adaptive or draft_policy.head_adaptive:
-            raise InvalidParameterError("speculative decoding cannot roll back a head-adaptive KV cache; "
-                                        "use a uniform budget (head_adaptive=False)")
-        ids = prompt if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)) \
+            raise InvalidParameterError(
+                "speculative decoding cannot roll back a head-adaptive KV cache; "
+                "use a uniform budget (head_adaptive=False)"
+            )
+        ids = (
+            prompt
+            if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
             else self.target.encode(prompt)
+        )
         return SpeculativeRun(self, list(ids), params, policy, draft_policy)
 
 
 class SpeculativeRun:
     """One request: the target's engine and sequence, the draft's slot, the counters."""
 
-    def __init__(self, dec: SpeculativeDecoder, ids: list[int], params: SamplingParams, policy: Policy,
-                 draft_policy: Policy):
+    def __init__(
+        self,
+        dec: SpeculativeDecoder,
+        ids: list[int],
+        params: SamplingParams,
+        policy: Policy,
+        draft_policy: Policy,
+    ):
         self.dec, self.params = dec, params
         n = params.max_new_tokens
         self.engine: LLMEngine = dec.target._engine(1, policy.capacity(len(ids), n))
@@ -178,13 +273,24 @@ class SpeculativeRun:
         self.engine.scheduler.add(self.seq)
         self.draft_engine: LLMEngine = dec.draft._engine(1, draft_policy.capacity(len(ids), n))
         self.draft_engine.check(len(ids), SamplingParams(max_new_tokens=n), draft_policy)
-        self.draft_seq = self.draft_engine.add_request(list(ids), SamplingParams(max_new_tokens=n), draft_policy)
+        self.draft_seq = self.draft_engine.add_request(
+            list(ids), SamplingParams(max_new_tokens=n), draft_policy
+        )
         self.k = dec.k
         self.draft_len = 0  # tokens of prompt + output the draft's cache holds
-        self.seq.spec = {"speculative": True, "draft_model": dec.draft.loaded.name, "num_draft_tokens": dec.k,
-                         "adaptive": dec.adaptive, "draft_tokens_proposed": 0, "draft_tokens_accepted": 0,
-                         "verify_rounds": 0, "target_forward_passes": 0, "draft_forward_passes": 0,
-                         "target_prefill_passes": 0, "k_final": dec.k}
+        self.seq.spec = {
+            "speculative": True,
+            "draft_model": dec.draft.loaded.name,
+            "num_draft_tokens": dec.k,
+            "adaptive": dec.adaptive,
+            "draft_tokens_proposed": 0,
+            "draft_tokens_accepted": 0,
+            "verify_rounds": 0,
+            "target_forward_passes": 0,
+            "draft_forward_passes": 0,
+            "target_prefill_passes": 0,
+            "k_final": dec.k,
+        }
 
     def __iter__(self) -> Iterator[StepOutput]:
         yield from self.start()
@@ -220,7 +326,7 @@ class SpeculativeRun:
         """n draft tokens (and their filtered distributions when sampling)."""
         seq, params = self.seq, self.params
         context = seq.prompt_ids + seq.output_ids
-        feed = context[self.draft_len:]
+        feed = context[self.draft_len :]
         drafts, q = [], []
         for _ in range(n):
             logits = self._draft_logits(self.draft.forward(feed)[-1])

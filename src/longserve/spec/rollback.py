@@ -121,8 +121,13 @@ class SpeculativeSlot:
 
     def _undo_entry(self, layer: int, index: torch.Tensor, backend: DecodeBackend | None) -> _Undo:
         pool, s = self.pool, self.slot
-        undo = _Undo(layer, index, pool.k[layer][s, self.heads, index].clone(),
-                     pool.v[layer][s, self.heads, index].clone(), pool.pos[layer][s, self.heads, index].clone())
+        undo = _Undo(
+            layer,
+            index,
+            pool.k[layer][s, self.heads, index].clone(),
+            pool.v[layer][s, self.heads, index].clone(),
+            pool.pos[layer][s, self.heads, index].clone(),
+        )
         if backend is not None and backend.track_scores:
             undo.scores = pool.scores[layer][s].clone()
         if backend is not None and backend.sparse_rows and not pool.args.layer_windows[layer]:
@@ -159,8 +164,9 @@ class SpeculativeSlot:
             self.states.append(snapshot(self.state))
         journal: list[list[_Undo]] = [[] for _ in ids]
         positions = torch.cat([b.positions for b in backends])
-        logits = self.model(torch.tensor([ids]), positions[None], _SteppedBackend(self, backends, journal),
-                            last_only=False)[0]
+        logits = self.model(
+            torch.tensor([ids]), positions[None], _SteppedBackend(self, backends, journal), last_only=False
+        )[0]
         self.journal.extend(journal)
         self.stepped_forwards += 1
         return logits

@@ -14,15 +14,29 @@ from longserve.specprefill.scoring import SpecPrefillConfig
 
 
 def add_args(p: argparse.ArgumentParser, keep_alias: bool = True) -> None:
-    g = p.add_argument_group("speculative prefill (a small draft prunes the prompt before the target prefills it)")
-    g.add_argument("--prefill-draft", metavar="MODEL",
-                   help="draft model that scores the prompt (zoo name, HF dir, .gguf); a draft with the target's "
-                        "tokenizer keeps original positions, any other works on text")
+    g = p.add_argument_group(
+        "speculative prefill (a small draft prunes the prompt before the target prefills it)"
+    )
+    g.add_argument(
+        "--prefill-draft",
+        metavar="MODEL",
+        help="draft model that scores the prompt (zoo name, HF dir, .gguf); a draft with the target's "
+        "tokenizer keeps original positions, any other works on text",
+    )
     names = ["--prefill-keep", "--keep"] if keep_alias else ["--prefill-keep"]
-    g.add_argument(*names, dest="prefill_keep", type=float, default=0.25,
-                   help="fraction of the prompt the target prefills, in (0, 1] (default 0.25)")
-    g.add_argument("--prefill-keep-tail", type=int, default=64,
-                   help="last prompt tokens always kept: the question / instructions (default 64)")
+    g.add_argument(
+        *names,
+        dest="prefill_keep",
+        type=float,
+        default=0.25,
+        help="fraction of the prompt the target prefills, in (0, 1] (default 0.25)",
+    )
+    g.add_argument(
+        "--prefill-keep-tail",
+        type=int,
+        default=64,
+        help="last prompt tokens always kept: the question / instructions (default 64)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> SpeculativePrefill | None:
@@ -41,5 +55,7 @@ def summary(cp: CompressedPrompt, draft: str = "") -> str:
     name = f" {draft}" if draft else ""
     if cp.path == "passthrough":
         return f"[spec prefill{name}: prompt of {cp.original_tokens} tokens passed unchanged (too short)]"
-    return (f"[spec prefill{name}: target prefilled {cp.kept_tokens}/{cp.original_tokens} tokens "
-            f"({cp.ratio:.1%}), draft scoring {cp.score_s:.2f} s, {cp.path.replace('_', ' ')}]")
+    return (
+        f"[spec prefill{name}: target prefilled {cp.kept_tokens}/{cp.original_tokens} tokens "
+        f"({cp.ratio:.1%}), draft scoring {cp.score_s:.2f} s, {cp.path.replace('_', ' ')}]"
+    )

@@ -92,7 +92,9 @@ def same_tokenizer(a, b) -> bool:
     return list(a.encode(probe, add_special_tokens=True)) == list(b.encode(probe, add_special_tokens=True))
 
 
-def _select(prompt: Prompt, compress: Sequence[int] | None, roles: Iterable[str] | None) -> Sequence[int] | None:
+def _select(
+    prompt: Prompt, compress: Sequence[int] | None, roles: Iterable[str] | None
+) -> Sequence[int] | None:
     if compress is None and roles is not None and isinstance(prompt, list):
         allowed = set(roles)
         return [i for i, m in enumerate(prompt) if m["role"] in allowed]
@@ -110,14 +112,19 @@ def split_prompt(tokenizer, context: str, question: str) -> tuple[list[int], lis
     """Ids of (everything up to the end of `context`, the rest) for a prompt reading `context + question`:
     one user turn with a chat template, raw text without one."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": context + _SPLIT + question}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": context + _SPLIT + question}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         add_special = False
     else:
         text, add_special = context + _SPLIT + question, True
     head, tail = text.split(_SPLIT)
-    return (list(tokenizer.encode(head, add_special_tokens=add_special)),
-            list(tokenizer.encode(tail, add_special_tokens=False)))
+    return (
+        list(tokenizer.encode(head, add_special_tokens=add_special)),
+        list(tokenizer.encode(tail, add_special_tokens=False)),
+    )
 
 
 class SpeculativePrefill:
@@ -150,27 +157,36 @@ class SpeculativePrefill:
 
     def score(self, ids: list[int], config: SpecPrefillConfig | None = None) -> Importance:
         """Importance of every token of `ids` (draft token ids)."""
-        return token_importance(self.draft.loaded.model, list(ids), config or self.config,
-                                window=self.draft.context_window)
+        return token_importance(
+            self.draft.loaded.model, list(ids), config or self.config, window=self.draft.context_window
+        )
 
     # ---- compression ---------------------------------------------------------------------------
-    def compress(self, target: LLM, prompt: Prompt, keep: float | None = None,
-                 roles: Iterable[str] | None = None) -> CompressedPrompt:
+    def compress(
+        self, target: LLM, prompt: Prompt, keep: float | None = None, roles: Iterable[str] | None = None
+    ) -> CompressedPrompt:
         """Same-tokenizer path when the draft's ids mean the same text as the target's, else text.
         `roles`: only messages with these roles may be compressed (default: all)."""
         if self.shares_tokenizer(target):
             return self.compress_ids(target, prompt, keep=keep, roles=roles)
         return self.compress_text(prompt, target, keep=keep, roles=roles)
 
-    def compress_ids(self, target: LLM, prompt: Prompt, keep: float | None = None,
-                     compress: Sequence[int] | None = None, roles: Iterable[str] | None = None) -> CompressedPrompt:
+    def compress_ids(
+        self,
+        target: LLM,
+        prompt: Prompt,
+        keep: float | None = None,
+        compress: Sequence[int] | None = None,
+        roles: Iterable[str] | None = None,
+    ) -> CompressedPrompt:
         """Kept target ids + their original positions (draft and target must share the tokenizer)."""
         start = time.perf_counter()
         cfg = self._cfg(keep)
         if not self.shares_tokenizer(target):
             raise InvalidParameterError(
                 f"draft {self.draft.loaded.name!r} and target {target.loaded.name!r} tokenize differently; "
-                "use compress_text() (or compress(), which picks the text path by itself)")
+                "use compress_text() (or compress(), which picks the text path by itself)"
+            )
         prompt = P.normalize(prompt)
         compress = _select(prompt, compress, roles)
         r = P.render(target.tokenizer, prompt, compress)
@@ -179,19 +195,39 @@ class SpeculativePrefill:
             r = P.Rendered(r.text, ids, None, r.spans, r.messages)
         n = len(ids)
         if n <= cfg.chunk or P.compressible_tokens(r) == 0:
-            return CompressedPrompt(prompt, n, n, "passthrough", ids=ids, draft_tokens=n, draft_kept=n,
-                                    compress_s=time.perf_counter() - start)
+            return CompressedPrompt(
+                prompt,
+                n,
+                n,
+                "passthrough",
+                ids=ids,
+                draft_tokens=n,
+                draft_kept=n,
+                compress_s=time.perf_counter() - start,
+            )
         t0 = time.perf_counter()
         imp = self.score(ids, cfg)
         score_s = time.perf_counter() - t0
         forced = P.forced_mask(r, target.tokenizer, cfg.keep_special, cfg.keep_tail)
         mask = select_tokens(imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(n, cfg.chunk)))
         kept = mask.nonzero().flatten().tolist()
-        return CompressedPrompt(prompt, n, len(kept), "same_tokenizer", ids=[ids[i] for i in kept],
-                                positions=kept, draft_tokens=n, draft_kept=len(kept), score_s=score_s,
-                                compress_s=time.perf_counter() - start, windows=imp.windows)
+        return CompressedPrompt(
+            prompt,
+            n,
+            len(kept),
+            "same_tokenizer",
+            ids=[ids[i] for i in kept],
+            positions=kept,
+            draft_tokens=n,
+            draft_kept=len(kept),
+            score_s=score_s,
+            compress_s=time.perf_counter() - start,
+            windows=imp.windows,
+        )
 
-    def compress_token_ids(self, target: LLM, ids: Sequence[int], keep: float | None = None) -> CompressedPrompt:
+    def compress_token_ids(
+        self, target: LLM, ids: Sequence[int], keep: float | None = None
+    ) -> CompressedPrompt:
         """Same-tokenizer path from token ids alone (e.g. a server that already tokenized the prompt):
         special tokens, the last token and the last `keep_tail` tokens are forced."""
         start = time.perf_counter()
@@ -200,11 +236,21 @@ class SpeculativePrefill:
         if not ids:
             raise InvalidParameterError("the prompt is empty")
         if not self.shares_tokenizer(target):
-            raise InvalidParameterError("token ids can only be compressed by a draft that shares the target's tokenizer")
+            raise InvalidParameterError(
+                "token ids can only be compressed by a draft that shares the target's tokenizer"
+            )
         n = len(ids)
         if n <= cfg.chunk:
-            return CompressedPrompt(ids, n, n, "passthrough", ids=ids, draft_tokens=n, draft_kept=n,
-                                    compress_s=time.perf_counter() - start)
+            return CompressedPrompt(
+                ids,
+                n,
+                n,
+                "passthrough",
+                ids=ids,
+                draft_tokens=n,
+                draft_kept=n,
+                compress_s=time.perf_counter() - start,
+            )
         t0 = time.perf_counter()
         imp = self.score(ids, cfg)
         score_s = time.perf_counter() - t0
@@ -212,12 +258,23 @@ class SpeculativePrefill:
         forced = P.forced_mask(r, target.tokenizer, cfg.keep_special, cfg.keep_tail)
         mask = select_tokens(imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(n, cfg.chunk)))
         kept = mask.nonzero().flatten().tolist()
-        return CompressedPrompt(ids, n, len(kept), "same_tokenizer", ids=[ids[i] for i in kept], positions=kept,
-                                draft_tokens=n, draft_kept=len(kept), score_s=score_s,
-                                compress_s=time.perf_counter() - start, windows=imp.windows)
+        return CompressedPrompt(
+            ids,
+            n,
+            len(kept),
+            "same_tokenizer",
+            ids=[ids[i] for i in kept],
+            positions=kept,
+            draft_tokens=n,
+            draft_kept=len(kept),
+            score_s=score_s,
+            compress_s=time.perf_counter() - start,
+            windows=imp.windows,
+        )
 
-    def compress_for_engine(self, target: LLM, prompt: Prompt | Sequence[int],
-                            keep: float | None = None) -> CompressedPrompt:
+    def compress_for_engine(
+        self, target: LLM, prompt: Prompt | Sequence[int], keep: float | None = None
+    ) -> CompressedPrompt:
         """Like `compress`, but `ids` is always set (the ids to submit; `positions` too on the same-tokenizer
         path): what a server that feeds its own engine needs. Token-id prompts need a same-tokenizer draft."""
         if isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], int):
@@ -227,9 +284,15 @@ class SpeculativePrefill:
             cp.ids = encode_for(target, cp.prompt)
         return cp
 
-    def compress_text(self, prompt: Prompt, target_tokenizer=None, keep: float | None = None,
-                      compress: Sequence[int] | None = None, roles: Iterable[str] | None = None,
-                      config: SpecPrefillConfig | None = None) -> CompressedPrompt:
+    def compress_text(
+        self,
+        prompt: Prompt,
+        target_tokenizer=None,
+        keep: float | None = None,
+        compress: Sequence[int] | None = None,
+        roles: Iterable[str] | None = None,
+        config: SpecPrefillConfig | None = None,
+    ) -> CompressedPrompt:
         """Compressed text (or messages with compressed contents) for any target.
 
         `target_tokenizer` (a tokenizer or an LLM; default: the draft's) is what the keep rate is measured
@@ -246,28 +309,47 @@ class SpeculativePrefill:
         if not r.has_offsets:
             raise InvalidParameterError(
                 f"the draft {self.draft.loaded.name!r} has no offset mapping (not a fast HF tokenizer); "
-                "the text path needs one")
+                "the text path needs one"
+            )
         original = P.count_tokens(target_tok, prompt)
         n = len(r.ids)
         if n <= cfg.chunk or P.compressible_tokens(r) == 0:
-            return CompressedPrompt(prompt, original, original, "passthrough", draft_tokens=n, draft_kept=n,
-                                    compress_s=time.perf_counter() - start)
+            return CompressedPrompt(
+                prompt,
+                original,
+                original,
+                "passthrough",
+                draft_tokens=n,
+                draft_kept=n,
+                compress_s=time.perf_counter() - start,
+            )
         t0 = time.perf_counter()
         imp = self.score(r.ids, cfg)
         score_s = time.perf_counter() - t0
         forced = P.forced_mask(r, tok, cfg.keep_special, cfg.keep_tail)
         new_prompt, mask, content_ratio, ok = self._fit(r, imp, forced, target_tok, cfg)
         kept = P.count_tokens(target_tok, new_prompt)
-        return CompressedPrompt(new_prompt, original, kept, "cross_tokenizer", draft_tokens=n,
-                                draft_kept=int(mask.sum()), content_ratio=content_ratio, within_tolerance=ok,
-                                score_s=score_s, compress_s=time.perf_counter() - start, windows=imp.windows)
+        return CompressedPrompt(
+            new_prompt,
+            original,
+            kept,
+            "cross_tokenizer",
+            draft_tokens=n,
+            draft_kept=int(mask.sum()),
+            content_ratio=content_ratio,
+            within_tolerance=ok,
+            score_s=score_s,
+            compress_s=time.perf_counter() - start,
+            windows=imp.windows,
+        )
 
-    def _fit(self, r: P.Rendered, imp: Importance, forced: torch.Tensor, target_tok,
-             cfg: SpecPrefillConfig) -> tuple[Prompt, torch.Tensor, float, bool]:
+    def _fit(
+        self, r: P.Rendered, imp: Importance, forced: torch.Tensor, target_tok, cfg: SpecPrefillConfig
+    ) -> tuple[Prompt, torch.Tensor, float, bool]:
         """Binary search on the number of kept chunks until the compressible text keeps `keep` of its
         target tokens (within `tolerance`); the closest attempt wins otherwise."""
         spans = [s for s in r.spans if s.compressible]
-        original = P.content_tokens(target_tok, [r.text[s.start:s.end] for s in spans])
+        original = P.content_tokens(target_tok, [r.text[s.start : s.end] for s in spans])
         total = n_chunks(len(r.ids), cfg.chunk)
         best = None
         lo, hi = (total, total) if cfg.keep >= 1 else (0, total)
@@ -288,8 +370,9 @@ class SpeculativePrefill:
         error, texts, mask, ratio = best
         return P.apply(r, texts), mask, ratio, error <= cfg.tolerance * cfg.keep
 
-    def compress_context(self, target: LLM, context: str, question: str,
-                         keep: float | None = None) -> CompressedPrompt:
+    def compress_context(
+        self, target: LLM, context: str, question: str, keep: float | None = None
+    ) -> CompressedPrompt:
         """Query-agnostic: the draft scores `context` alone; `question` is appended uncompressed."""
         start = time.perf_counter()
         cfg = self._cfg(keep, keep_tail=0)
@@ -301,47 +384,112 @@ class SpeculativePrefill:
             head, tail = split_prompt(target.tokenizer, context, question)
             n = len(head) + len(tail)
             if len(head) <= cfg.chunk:
-                return CompressedPrompt(full, n, n, "passthrough", ids=head + tail, draft_tokens=len(head),
-                                        draft_kept=len(head), compress_s=time.perf_counter() - start)
+                return CompressedPrompt(
+                    full,
+                    n,
+                    n,
+                    "passthrough",
+                    ids=head + tail,
+                    draft_tokens=len(head),
+                    draft_kept=len(head),
+                    compress_s=time.perf_counter() - start,
+                )
             t0 = time.perf_counter()
             imp = self.score(head, cfg)
             score_s = time.perf_counter() - t0
             specials = P.special_ids(target.tokenizer) if cfg.keep_special else set()
             forced = torch.tensor([t in specials for t in head], dtype=torch.bool)
             forced[-1] = not tail or bool(forced[-1])  # without a question, the last token must stay
-            mask = select_tokens(imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(len(head), cfg.chunk)))
+            mask = select_tokens(
+                imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(len(head), cfg.chunk))
+            )
             kept = mask.nonzero().flatten().tolist() + list(range(len(head), n))
             ids = head + tail
-            return CompressedPrompt(full, n, len(kept), "same_tokenizer", ids=[ids[i] for i in kept],
-                                    positions=kept, draft_tokens=len(head), draft_kept=int(mask.sum()),
-                                    score_s=score_s, compress_s=time.perf_counter() - start, windows=imp.windows)
-        part = self.compress_text([{"role": "user", "content": context}] if chat else context, target, config=cfg)
+            return CompressedPrompt(
+                full,
+                n,
+                len(kept),
+                "same_tokenizer",
+                ids=[ids[i] for i in kept],
+                positions=kept,
+                draft_tokens=len(head),
+                draft_kept=int(mask.sum()),
+                score_s=score_s,
+                compress_s=time.perf_counter() - start,
+                windows=imp.windows,
+            )
+        part = self.compress_text(
+            [{"role": "user", "content": context}] if chat else context, target, config=cfg
+        )
         new_context = part.prompt[0]["content"] if chat else part.prompt
-        new: Prompt = [{"role": "user", "content": new_context + question}] if chat else new_context + question
+        new: Prompt = (
+            [{"role": "user", "content": new_context + question}] if chat else new_context + question
+        )
         original = P.count_tokens(target.tokenizer, full)
-        return replace(part, prompt=new, original_tokens=original,
-                       kept_tokens=P.count_tokens(target.tokenizer, new), compress_s=time.perf_counter() - start)
+        return replace(
+            part,
+            prompt=new,
+            original_tokens=original,
+            kept_tokens=P.count_tokens(target.tokenizer, new),
+            compress_s=time.perf_counter() - start,
+        )
 
     # ---- generation ----------------------------------------------------------------------------
-    def generate(self, target: LLM, prompts: Prompt | list[Prompt], max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: list[str] | None = None, keep: float | None = None, kv_policy=None,
-                 kv_budget: int | None = None, kv_ratio: float | None = None, **policy_kwargs) -> list[Completion]:
+    def generate(
+        self,
+        target: LLM,
+        prompts: Prompt | list[Prompt],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        keep: float | None = None,
+        kv_policy=None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        **policy_kwargs,
+    ) -> list[Completion]:
         """Compress each prompt, then decode them together on the target (any KV policy still applies).
         `stats["ttft_s"]` includes the compression; `stats["target_ttft_s"]` is the target's alone."""
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+        )
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
         compressed = [self.compress(target, p, keep=keep) for p in batch]
-        return self.generate_compressed(target, compressed, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                                        kv_policy, kv_budget, kv_ratio, **policy_kwargs)
+        return self.generate_compressed(
+            target,
+            compressed,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop,
+            kv_policy,
+            kv_budget,
+            kv_ratio,
+            **policy_kwargs,
+        )
 
-    def generate_compressed(self, target: LLM, compressed: list[CompressedPrompt], max_new_tokens: int = 128,
-                            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                            seed: int | None = None, stop: list[str] | None = None, kv_policy=None,
-                            kv_budget: int | None = None, kv_ratio: float | None = None,
-                            **policy_kwargs) -> list[Completion]:
+    def generate_compressed(
+        self,
+        target: LLM,
+        compressed: list[CompressedPrompt],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        kv_policy=None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        **policy_kwargs,
+    ) -> list[Completion]:
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
         policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         requests = [self._request(target, cp, max_new_tokens) for cp in compressed]
@@ -350,13 +498,27 @@ class SpeculativePrefill:
         seqs = [engine.add_request(ids, params, policy, positions=pos) for ids, pos in requests]
         while engine.has_unfinished():
             engine.step()
-        return [Completion(s.text, s.output_ids, s.prompt_len, s.finish_reason, with_stats(s.stats(), cp))
-                for s, cp in zip(seqs, compressed, strict=True)]
+        return [
+            Completion(s.text, s.output_ids, s.prompt_len, s.finish_reason, with_stats(s.stats(), cp))
+            for s, cp in zip(seqs, compressed, strict=True)
+        ]
 
-    def stream(self, target: LLM, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-               keep: float | None = None, kv_policy=None, kv_budget: int | None = None,
-               kv_ratio: float | None = None, **policy_kwargs) -> Iterator[StepOutput]:
+    def stream(
+        self,
+        target: LLM,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        keep: float | None = None,
+        kv_policy=None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        **policy_kwargs,
+    ) -> Iterator[StepOutput]:
         """Yield text pieces; every output's `seq.spec_prefill` holds the compression stats (for the CLI:
         `with_stats(out.seq.stats(), out.seq.spec_prefill)`)."""
         cp = self.compress(target, prompt, keep=keep)
@@ -369,7 +531,9 @@ class SpeculativePrefill:
         while engine.has_unfinished():
             yield from engine.step()
 
-    def _request(self, target: LLM, cp: CompressedPrompt, max_new_tokens: int) -> tuple[list[int], list[int] | None]:
+    def _request(
+        self, target: LLM, cp: CompressedPrompt, max_new_tokens: int
+    ) -> tuple[list[int], list[int] | None]:
         if cp.ids is not None:
             ids, positions = cp.ids, cp.positions
         else:
@@ -378,7 +542,8 @@ class SpeculativePrefill:
         if end + max_new_tokens > target.context_window:
             raise ContextLengthError(
                 f"the original prompt ({end} positions) + max_new_tokens ({max_new_tokens}) exceed the target's "
-                f"context window of {target.context_window} tokens: speculative prefill keeps original positions")
+                f"context window of {target.context_window} tokens: speculative prefill keeps original positions"
+            )
         return ids, positions
 
 

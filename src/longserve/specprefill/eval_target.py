@@ -28,9 +28,18 @@ class SpecPrefillTarget:
     """`SpecPrefillTarget(target_llm, draft_llm, SpecPrefillConfig(keep=0.25))`; default name
     `specprefill@0.25` (so reports parse it as policy "specprefill", budget 0.25)."""
 
-    def __init__(self, target: LLM, draft: LLM | SpeculativePrefill, config: SpecPrefillConfig | None = None, *,
-                 name: str | None = None, kv_policy: str | None = None, kv_budget: int | None = None,
-                 kv_ratio: float | None = None, **policy_kwargs: Any):
+    def __init__(
+        self,
+        target: LLM,
+        draft: LLM | SpeculativePrefill,
+        config: SpecPrefillConfig | None = None,
+        *,
+        name: str | None = None,
+        kv_policy: str | None = None,
+        kv_budget: int | None = None,
+        kv_ratio: float | None = None,
+        **policy_kwargs: Any,
+    ):
         self.target = target
         if isinstance(draft, SpeculativePrefill):
             self.sp = SpeculativePrefill(draft.draft, config) if config is not None else draft
@@ -53,19 +62,28 @@ class SpecPrefillTarget:
                 cp = self.sp.compress_context(self.target, request.context, request.question)
             else:
                 cp = self.sp.compress(self.target, self._prompt(request))
-            out = self.sp.generate_compressed(self.target, [cp], max_new_tokens=request.max_new_tokens,
-                                              **self.policy)[0]
+            out = self.sp.generate_compressed(
+                self.target, [cp], max_new_tokens=request.max_new_tokens, **self.policy
+            )[0]
             stats = out.stats
-            results.append(EvalResult(
-                text=out.text,
-                prompt_tokens=cp.original_tokens,
-                ttft_s=stats["ttft_s"] or 0.0,
-                decode_tok_s=stats.get("decode_tokens_per_s") or 0.0,
-                kv_bytes=stats.get("kv_bytes_peak", 0),
-                extra={"setting": request.setting, "setting_applied": True, "draft": self.sp.draft.loaded.name,
-                       "target_ttft_s": stats.get("target_ttft_s"), "finish_reason": out.finish_reason,
-                       "completion_tokens": len(out.token_ids), **{f"sp_{k}": v for k, v in cp.stats().items()}},
-            ))
+            results.append(
+                EvalResult(
+                    text=out.text,
+                    prompt_tokens=cp.original_tokens,
+                    ttft_s=stats["ttft_s"] or 0.0,
+                    decode_tok_s=stats.get("decode_tokens_per_s") or 0.0,
+                    kv_bytes=stats.get("kv_bytes_peak", 0),
+                    extra={
+                        "setting": request.setting,
+                        "setting_applied": True,
+                        "draft": self.sp.draft.loaded.name,
+                        "target_ttft_s": stats.get("target_ttft_s"),
+                        "finish_reason": out.finish_reason,
+                        "completion_tokens": len(out.token_ids),
+                        **{f"sp_{k}": v for k, v in cp.stats().items()},
+                    },
+                )
+            )
         return results
 
 
@@ -101,14 +119,18 @@ def parse_spec(spec: str) -> SpecPrefillSpec | None:
     try:
         keep = float(keep_text) if keep_text else SpecPrefillConfig.keep
     except ValueError:
-        raise InvalidParameterError(f"bad keep rate in {spec!r}: use a fraction like specprefill@0.25") from None
+        raise InvalidParameterError(
+            f"bad keep rate in {spec!r}: use a fraction like specprefill@0.25"
+        ) from None
     known = {f.name: f.type for f in fields(SpecPrefillConfig)} | {"draft": "str"}
     values: dict[str, Any] = {}
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or key not in known or key == "keep":
-            raise InvalidParameterError(f"bad option {option!r} in {spec!r}; use draft=NAME or one of "
-                                        f"{', '.join(k for k in known if k not in ('keep', 'draft'))}")
+            raise InvalidParameterError(
+                f"bad option {option!r} in {spec!r}; use draft=NAME or one of "
+                f"{', '.join(k for k in known if k not in ('keep', 'draft'))}"
+            )
         values[key] = value if key in ("draft", "delimiter") else _number(value, spec)
     draft = values.pop("draft", DEFAULT_MODEL)
     try:

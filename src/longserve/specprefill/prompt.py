@@ -52,7 +52,11 @@ def message_text(content) -> str | None:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 return None
             parts.append(part["text"])
         return "".join(parts)
@@ -73,7 +77,9 @@ def normalize(prompt: Prompt) -> Prompt:
             raise InvalidParameterError(f"message {i} must be a dict with 'role' and 'content'")
         text = message_text(m.get("content"))
         if text is None:
-            raise InvalidParameterError(f"message {i} has non-text content parts; only text can be compressed")
+            raise InvalidParameterError(
+                f"message {i} has non-text content parts; only text can be compressed"
+            )
         out.append({**m, "content": text})
     if not any(m["content"] for m in out):
         raise InvalidParameterError("the prompt is empty")
@@ -150,8 +156,9 @@ def token_spans(r: Rendered) -> list[int]:
     return owner
 
 
-def forced_mask(r: Rendered, tokenizer, keep_special: bool, keep_tail: int,
-                visible: int | None = None) -> torch.Tensor:
+def forced_mask(
+    r: Rendered, tokenizer, keep_special: bool, keep_tail: int, visible: int | None = None
+) -> torch.Tensor:
     """Tokens that must survive: non-compressible message contents and the last token (always),
     scaffolding and special tokens (`keep_special`), the last `keep_tail` content tokens of the first
     `visible` tokens."""
@@ -205,7 +212,8 @@ def rebuild(r: Rendered, keep: torch.Tensor, delimiter: str, word_reach: int = 3
     (at most `word_reach` characters; 0 = off), then merged where they touch."""
     if r.offsets is None:
         raise InvalidParameterError(
-            "mapping kept tokens back to text needs a tokenizer with offset mappings (a 'fast' HF tokenizer)")
+            "mapping kept tokens back to text needs a tokenizer with offset mappings (a 'fast' HF tokenizer)"
+        )
     owner = token_spans(r)
     out: dict[int, str] = {}
     head_mark, tail_mark = delimiter.lstrip(), delimiter.rstrip()
@@ -214,7 +222,7 @@ def rebuild(r: Rendered, keep: torch.Tensor, delimiter: str, word_reach: int = 3
             continue
         toks = [i for i, o in enumerate(owner) if o == k]
         if not toks:
-            out[span.message] = r.text[span.start:span.end]
+            out[span.message] = r.text[span.start : span.end]
             continue
         bounds = [span.start]  # cell j = [bounds[j], bounds[j + 1]): the cells partition the span
         for i in toks[1:]:

@@ -71,7 +71,9 @@ class SpecPrefillConfig:
             raise InvalidParameterError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
         min_window = 4 * self.chunk + self.lookahead
         if self.window is not None and self.window < min_window:
-            raise InvalidParameterError(f"window must be >= 4 * chunk + lookahead = {min_window}, got {self.window}")
+            raise InvalidParameterError(
+                f"window must be >= 4 * chunk + lookahead = {min_window}, got {self.window}"
+            )
 
 
 @dataclass
@@ -94,7 +96,9 @@ class _CaptureBackend:
         shape = (args.n_kv_heads, capacity, args.head_dim)
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(args.n_layers)]
-        self.votes = {layer: torch.empty(args.n_heads, n_votes, args.head_dim, dtype=dtype) for layer in layers}
+        self.votes = {
+            layer: torch.empty(args.n_heads, n_votes, args.head_dim, dtype=dtype) for layer in layers
+        }
         self.pos = torch.arange(capacity)
         self.fill = 0
         self.n_voted = 0
@@ -114,7 +118,9 @@ class _CaptureBackend:
             if window:
                 mask &= (qp - kp) < window
             keys, values = self.k[layer][None, :, :end], self.v[layer][None, :, :end]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            )
         if self.capture and layer in self.votes:
             self.votes[layer][:, self.n_voted] = q[0, :, -1]
         return out
@@ -182,8 +188,9 @@ def _score_once(model: CausalLM, ids: list[int], cfg: SpecPrefillConfig) -> Impo
     return Importance(best.mean(0), lookahead)
 
 
-def token_importance(model: CausalLM, ids: list[int], cfg: SpecPrefillConfig,
-                     window: int | None = None) -> Importance:
+def token_importance(
+    model: CausalLM, ids: list[int], cfg: SpecPrefillConfig, window: int | None = None
+) -> Importance:
     """Importance of every prompt token (see the module docstring); windowed beyond `window` tokens."""
     if not ids:
         raise InvalidParameterError("the prompt is empty")
@@ -193,15 +200,15 @@ def token_importance(model: CausalLM, ids: list[int], cfg: SpecPrefillConfig,
         return _score_once(model, ids, cfg)
     n_tail = min(max(cfg.keep_tail, cfg.chunk), limit // 4)
     n_sink = min(4, cfg.chunk)
-    head, tail = ids[: n - n_tail], ids[n - n_tail:]
+    head, tail = ids[: n - n_tail], ids[n - n_tail :]
     scores = torch.zeros(n)
     start, windows, lookahead = 0, 0, []
     while start < len(head):
         prefix = [] if start == 0 else head[:n_sink]
         end = min(len(head), start + limit - n_tail - len(prefix))
         part = _score_once(model, prefix + head[start:end] + tail, cfg)
-        scores[start:end] = part.scores[len(prefix): len(prefix) + end - start]
-        scores[n - n_tail:] = torch.maximum(scores[n - n_tail:], part.scores[-n_tail:])
+        scores[start:end] = part.scores[len(prefix) : len(prefix) + end - start]
+        scores[n - n_tail :] = torch.maximum(scores[n - n_tail :], part.scores[-n_tail:])
         lookahead = part.lookahead_ids
         start, windows = end, windows + 1
     return Importance(scores, lookahead, windows)

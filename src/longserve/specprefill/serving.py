@@ -29,14 +29,19 @@ def parse_option(raw: Any, draft_name: str | None) -> tuple[bool, float | None]:
     if raw.get("enabled", True) is False:
         return False, None
     if draft_name is None:
-        raise InvalidParameterError("spec_prefill was requested but this server has no prefill draft "
-                                    "(start it with --prefill-draft MODEL)")
+        raise InvalidParameterError(
+            "spec_prefill was requested but this server has no prefill draft "
+            "(start it with --prefill-draft MODEL)"
+        )
     draft = raw.get("draft")
     if draft is not None and draft != draft_name:
-        raise InvalidParameterError(f"spec_prefill.draft {draft!r} is not loaded; this server's prefill draft "
-                                    f"is {draft_name!r}")
+        raise InvalidParameterError(
+            f"spec_prefill.draft {draft!r} is not loaded; this server's prefill draft is {draft_name!r}"
+        )
     keep = raw.get("keep")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1):
+    if keep is not None and (
+        isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1
+    ):
         raise InvalidParameterError(f"spec_prefill.keep must be in (0, 1], got {keep!r}")
     return True, None if keep is None else float(keep)
 

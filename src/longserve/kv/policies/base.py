@@ -78,8 +78,10 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.head_adaptive and (not self.compresses or self.decode == "evict" or not self.window):
-            raise InvalidParameterError(f"head_adaptive budgets are not supported by policy '{self.name}': it "
-                                        "must evict at prefill, then append or ring over a recent window > 0")
+            raise InvalidParameterError(
+                f"head_adaptive budgets are not supported by policy '{self.name}': it "
+                "must evict at prefill, then append or ring over a recent window > 0"
+            )
         if not self.compresses:
             return
         if (self.budget is None) == (self.ratio is None):
