@@ -38,10 +38,10 @@ def prepare(llm: LLM, ids: list[int], spec: str, batch: int, steps: int):
     """An engine whose `batch` slots all hold the prefilled (and compressed) prompt."""
     name, _, budget = spec.partition("@")
     policy = make_policy(name, budget=int(budget) if budget else None)
-    engine = llm._engine(batch, policy.capacity(len(ids), steps + 2))
+    engine = llm.engine(batch, policy.capacity(len(ids), steps + 2))
     params = SamplingParams(max_new_tokens=steps + 2, ignore_eos=True)
     seqs = [engine.add_request(ids, params, policy) for _ in range(batch)]
-    engine.scheduler._admit()
+    engine.scheduler.admit()
     first = seqs[0]
     start = time.perf_counter()
     logits = engine.runner.prefill(first, len(ids))

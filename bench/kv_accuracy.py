@@ -77,9 +77,9 @@ def _start(llm: LLM, ids: list[int], staged, n_staged: int, policies: list, max_
     """All of a sample's cells as one batch: the final chunk runs once from the shared staging slot
     (read only) into every policy's compressed slot; then the cells decode together."""
     cap = max(p.capacity(len(ids), max_new) for p in policies)
-    engine = llm._engine(len(policies), cap)
+    engine = llm.engine(len(policies), cap)
     seqs = [engine.add_request(ids, SamplingParams(max_new_tokens=max_new), p) for p in policies]
-    engine.scheduler._admit()
+    engine.scheduler.admit()
     positions = torch.arange(n_staged, len(ids))
     backends = [PrefillBackend(engine.pool, s.slot, positions, staging=staged) for s in seqs]
     with torch.inference_mode():
@@ -113,7 +113,7 @@ def answer_agnostic(llm, ctx_ids, q_ids, staged, n_staged, policies, max_new) ->
     ]
     del engine
     params = SamplingParams(max_new_tokens=max_new)
-    asking = llm._engine(len(contexts), max(c.fill for c in contexts) + len(q_ids) + max_new)
+    asking = llm.engine(len(contexts), max(c.fill for c in contexts) + len(q_ids) + max_new)
     seqs = [asking.add_request(q_ids, params, FullPolicy(), prefix=ctx) for ctx in contexts]
     while asking.has_unfinished():
         asking.step()

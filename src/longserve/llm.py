@@ -126,7 +126,9 @@ class LLM:
         return make_policy(kv_policy or name, budget=kv_budget or budget, ratio=kv_ratio or ratio, **merged)
 
     # ---- generation ----------------------------------------------------------------------------
-    def _engine(self, n_slots: int, capacity: int) -> LLMEngine:
+    def engine(self, n_slots: int, capacity: int) -> LLMEngine:
+        """A fresh engine over this model: `n_slots` KV slots of `capacity` tokens each (the server, the
+        speculative decoder and the benchmarks drive one directly)."""
         return LLMEngine(
             self.loaded,
             n_slots,
@@ -179,7 +181,7 @@ class LLM:
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         encoded = [self.encode(p) for p in batch]
         capacity = max(policy.capacity(len(ids), max_new_tokens) for ids in encoded)
-        engine = self._engine(min(len(batch), self.max_batch_size), capacity)
+        engine = self.engine(min(len(batch), self.max_batch_size), capacity)
         seqs = [engine.add_request(ids, params, policy) for ids in encoded]
         total = sum(len(ids) + max_new_tokens for ids in encoded)
         with tqdm(total=total, disable=not progress, desc="generate", unit="tok") as bar:
@@ -232,7 +234,7 @@ class LLM:
             else self.encode(prompt)
         )
         capacity = policy.capacity(len(ids), max_new_tokens) + (prefix.fill if prefix is not None else 0)
-        engine = self._engine(1, capacity)
+        engine = self.engine(1, capacity)
         engine.add_request(ids, params, policy, prefix=prefix)
         while engine.has_unfinished():
             yield from engine.step()
@@ -251,9 +253,9 @@ class LLM:
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         ids = context if isinstance(context, list) else self.split_chat(context, "")[0]
         params = SamplingParams(max_new_tokens=1)
-        engine = self._engine(1, policy.capacity(len(ids), 1))
+        engine = self.engine(1, policy.capacity(len(ids), 1))
         seq = engine.add_request(ids, params, policy)
-        engine.scheduler._admit()
+        engine.scheduler.admit()
         while seq.prefilled < seq.prompt_len:
             step = engine.scheduler.schedule()
             engine.runner.prefill(seq, step.n_tokens)

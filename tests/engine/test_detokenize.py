@@ -38,7 +38,7 @@ def whole_output_reference(tok, ids: list[int], params: SamplingParams, eos: int
 
 def run(llm: LLM, params: SamplingParams) -> tuple[list[int], list[str], str]:
     prompt = list(range(32, 96))
-    engine = llm._engine(1, FullPolicy().capacity(len(prompt), params.max_new_tokens))
+    engine = llm.engine(1, FullPolicy().capacity(len(prompt), params.max_new_tokens))
     seq = engine.add_request(prompt, params, FullPolicy())
     pieces = []
     while engine.has_unfinished():

@@ -22,7 +22,7 @@ def test_full_policy_greedy_equals_transformers_generate(family):
     prompts = [prompt(s, n) for s, n in ((1, 30), (2, 45), (3, 12))]
     expected = [hf_greedy(ref, p, 20) for p in prompts]
     # a batch of ragged prompts decoded together must give each prompt's own greedy tokens
-    engine = llm._engine(3, 80)
+    engine = llm.engine(3, 80)
     from longserve.engine.sampler import SamplingParams
     from longserve.kv.policies import FullPolicy
 
@@ -53,7 +53,7 @@ def test_bfloat16_halves_kv_bytes_and_tracks_float32():
     ):
         outs = []
         for llm in (fp32, bf16):
-            engine = llm._engine(1, policy.capacity(150, 4))
+            engine = llm.engine(1, policy.capacity(150, 4))
             seq = engine.add_request(ids, SamplingParams(max_new_tokens=4, ignore_eos=True), policy)
             while engine.has_unfinished():
                 engine.step()

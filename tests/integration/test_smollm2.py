@@ -139,7 +139,7 @@ def test_incremental_detokenization_matches_whole_decode(llm):
 
     text = "Ünïcödé — naïve café 🚀🧠 東京 def f(x):\n    return x  # ok\n\n  spaces   and\ttabs"
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    engine = llm._engine(1, 8)
+    engine = llm.engine(1, 8)
     seq = Sequence([0], SamplingParams(), FullPolicy())
     pieces = [engine._detokenize(seq, ids[:k], flush=k == len(ids)) for k in range(1, len(ids) + 1)]
     assert "".join(pieces) == llm.tokenizer.decode(ids, skip_special_tokens=True) == text

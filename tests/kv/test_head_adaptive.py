@@ -34,7 +34,7 @@ def test_heads_keep_different_counts_in_the_same_bytes(llm):
     args = llm.loaded.args
     uniform = make_policy("snapkv", budget=48, window=8)
     adaptive = make_policy("snapkv", budget=48, window=8, head_adaptive=True)
-    engine = llm._engine(1, adaptive.capacity(200, 3))
+    engine = llm.engine(1, adaptive.capacity(200, 3))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=3, ignore_eos=True), adaptive)
     engine.step()
     kept = kept_per_head(engine, seq.slot, args.n_layers, args.n_kv_heads, 200)
@@ -58,7 +58,7 @@ def test_decode_equals_a_full_cache_masked_per_head(llm, name):
     ids = prompt(11, 90)
     args = llm.loaded.args
     policy = make_policy(name, budget=30, window=6, head_adaptive=True)
-    engine = llm._engine(1, policy.capacity(90, 5))
+    engine = llm.engine(1, policy.capacity(90, 5))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=5, ignore_eos=True), policy)
     engine.step()
     keep = kept_per_head(engine, seq.slot, args.n_layers, args.n_kv_heads, 90)
@@ -96,7 +96,7 @@ def test_mixed_batch_equals_separate_runs(llm):
     ]
     prompts = [prompt(20 + i, 120) for i in range(len(policies))]
     alone = [run(llm, ids, p, n=6).output_ids for ids, p in zip(prompts, policies, strict=True)]
-    engine = llm._engine(len(policies), 130)
+    engine = llm.engine(len(policies), 130)
     seqs = [
         engine.add_request(ids, SamplingParams(max_new_tokens=6, ignore_eos=True), p)
         for ids, p in zip(prompts, policies, strict=True)

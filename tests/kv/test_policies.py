@@ -16,7 +16,7 @@ def prompt(seed, n):
 
 
 def run(llm, ids, policy, n=12, chunk=None):
-    engine = llm._engine(1, policy.capacity(len(ids), n))
+    engine = llm.engine(1, policy.capacity(len(ids), n))
     if chunk:
         engine.scheduler.prefill_chunk = chunk
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True), policy)
@@ -56,7 +56,7 @@ def test_cache_bytes_equal_budget(llm, name):
 def test_snapkv_keeps_window_and_selects_per_head(llm):
     ids = prompt(2, 120)
     policy = make_policy("snapkv", budget=40, window=16)
-    engine = llm._engine(1, policy.capacity(120, 2))
+    engine = llm.engine(1, policy.capacity(120, 2))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=2, ignore_eos=True), policy)
     engine.step()  # prefill + first token
     pos = engine.pool.pos[0][seq.slot, :, :40]
@@ -99,7 +99,7 @@ def test_positions_after_eviction(llm, name):
     run in which each head is masked to exactly the tokens the policy kept."""
     ids = prompt(3, 90)
     policy = make_policy(name, budget=30, window=6)
-    engine = llm._engine(1, policy.capacity(90, 4))
+    engine = llm.engine(1, policy.capacity(90, 4))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=4, ignore_eos=True), policy)
     engine.step()
     keep = [engine.pool.pos[layer][seq.slot, :, :30].clone() for layer in range(llm.loaded.args.n_layers)]
@@ -119,7 +119,7 @@ def test_chunked_prefill_equals_single_shot(llm):
 def test_finished_sequence_frees_its_slot_at_once(llm):
     ids = prompt(5, 100)
     stream = make_policy("streaming", budget=20)
-    engine = llm._engine(1, stream.capacity(100, 1))
+    engine = llm.engine(1, stream.capacity(100, 1))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=1, ignore_eos=True), stream)
     assert engine.pool.n_free == 1
     engine.step()  # prefill + the only token: the sequence finishes

@@ -36,7 +36,7 @@ def perturbed(family: str = "llama", noise: float = 0.3) -> LLM:
 
 
 def plain_run(target: LLM, ids: list[int], n: int, policy, stop: list[str] | None = None):
-    engine = target._engine(1, policy.capacity(len(ids), n))
+    engine = target.engine(1, policy.capacity(len(ids), n))
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=n, ignore_eos=True, stop=stop or []), policy)
     while engine.has_unfinished():
         engine.step()

@@ -26,9 +26,9 @@ IDS = [f"{name}-{kw.get('kv_budget', 'all')}" for name, kw in POLICIES]
 
 
 def prefilled(target, ids, n_new, policy, slack=0):
-    engine = target._engine(1, policy.capacity(len(ids), n_new) + slack)
+    engine = target.engine(1, policy.capacity(len(ids), n_new) + slack)
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=n_new, ignore_eos=True), policy)
-    engine.scheduler._admit()
+    engine.scheduler.admit()
     while seq.prefilled < seq.prompt_len:
         engine.runner.prefill(seq, engine.scheduler.schedule().n_tokens)
     return engine, seq

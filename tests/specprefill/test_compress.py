@@ -68,7 +68,7 @@ def test_same_tokenizer_keeps_original_positions_and_specials(chat_pair):
     )  # template + the system turn (role not compressed)
     assert 0.2 < cp.ratio < 0.45
     # decoding continues at the ORIGINAL prompt length
-    engine = target._engine(1, 600)
+    engine = target.engine(1, 600)
     seq = engine.add_request(
         cp.ids,
         __import__("longserve.engine.sampler", fromlist=["x"]).SamplingParams(4),

@@ -34,7 +34,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
         while self.waiting and self.pool.n_free:
             seq = self.waiting.popleft()
             seq.slot = self.pool.allocate(seq.policy)
@@ -50,7 +50,7 @@ class Scheduler:
         return min(self.prefill_chunk, remaining - tail)
 
     def schedule(self) -> Step | None:
-        self._admit()
+        self.admit()
         prefilling = [s for s in self.running if s.prefilled < s.prompt_len]
         decoding = [s for s in self.running if s.prefilled == s.prompt_len]
         # alternate prefill chunks and decode steps so a long prompt does not stall the batch

@@ -425,7 +425,7 @@ def create_app(
     )
     shared_metrics = Metrics()
     engine = AsyncEngine(
-        llm._engine(plan.n_slots, plan.slot_capacity), max_waiting=max_waiting, metrics=shared_metrics
+        llm.engine(plan.n_slots, plan.slot_capacity), max_waiting=max_waiting, metrics=shared_metrics
     )
     spec = (
         SpeculativeEngine(speculative, max_waiting=max_waiting, metrics=shared_metrics)

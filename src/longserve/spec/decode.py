@@ -266,12 +266,12 @@ class SpeculativeRun:
     ):
         self.dec, self.params = dec, params
         n = params.max_new_tokens
-        self.engine: LLMEngine = dec.target._engine(1, policy.capacity(len(ids), n))
+        self.engine: LLMEngine = dec.target.engine(1, policy.capacity(len(ids), n))
         self.engine.check(len(ids), params, policy)
         self.seq = SpecSequence(list(ids), params, policy)
         self.engine.sequences[self.seq.request_id] = self.seq
         self.engine.scheduler.add(self.seq)
-        self.draft_engine: LLMEngine = dec.draft._engine(1, draft_policy.capacity(len(ids), n))
+        self.draft_engine: LLMEngine = dec.draft.engine(1, draft_policy.capacity(len(ids), n))
         self.draft_engine.check(len(ids), SamplingParams(max_new_tokens=n), draft_policy)
         self.draft_seq = self.draft_engine.add_request(
             list(ids), SamplingParams(max_new_tokens=n), draft_policy
@@ -300,7 +300,7 @@ class SpeculativeRun:
     def start(self) -> Iterator[StepOutput]:
         """Prefill both models; the target's prefill samples the first token exactly like `LLM.stream`."""
         eng = self.draft_engine
-        eng.scheduler._admit()
+        eng.scheduler.admit()
         while self.draft_seq.prefilled < self.draft_seq.prompt_len:
             step = eng.scheduler.schedule()
             eng.runner.prefill(self.draft_seq, step.n_tokens)

@@ -494,7 +494,7 @@ class SpeculativePrefill:
         policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         requests = [self._request(target, cp, max_new_tokens) for cp in compressed]
         capacity = max(policy.capacity(len(ids), max_new_tokens) for ids, _ in requests)
-        engine = target._engine(min(len(requests), target.max_batch_size), capacity)
+        engine = target.engine(min(len(requests), target.max_batch_size), capacity)
         seqs = [engine.add_request(ids, params, policy, positions=pos) for ids, pos in requests]
         while engine.has_unfinished():
             engine.step()
@@ -525,7 +525,7 @@ class SpeculativePrefill:
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
         policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         ids, positions = self._request(target, cp, max_new_tokens)
-        engine = target._engine(1, policy.capacity(len(ids), max_new_tokens))
+        engine = target.engine(1, policy.capacity(len(ids), max_new_tokens))
         seq = engine.add_request(ids, params, policy, positions=positions)
         seq.spec_prefill = cp
         while engine.has_unfinished():
