@@ -89,14 +89,14 @@ def _start(llm: LLM, ids: list[int], staged, n_staged: int, policies: list, max_
     for backend, seq in zip(backends, seqs, strict=True):
         backend.finish()
         seq.prefilled = len(ids)
-        engine.runner._record(seq)
+        engine.runner.record(seq)
     return engine, seqs, logits
 
 
 def answer(llm, ids, staged, n_staged, policies, max_new) -> list[tuple[str, int]]:
     """Query-aware: the question is in the compressed prompt. Returns (answer, KV bytes) per policy."""
     engine, seqs, logits = _start(llm, ids, staged, n_staged, policies, max_new)
-    engine._emit(seqs, logits.expand(len(seqs), -1))
+    engine.emit(seqs, logits.expand(len(seqs), -1))
     while engine.has_unfinished():
         engine.step()
     return [(s.text, s.stats()["kv_bytes_final"]) for s in seqs]

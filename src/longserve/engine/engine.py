@@ -109,11 +109,11 @@ class LLMEngine:
             logits = self.runner.prefill(seq, step.n_tokens)
             if logits is None:
                 return []
-            return self._emit(step.seqs, logits)
+            return self.emit(step.seqs, logits)
         seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
-        return self._emit(seqs, self.runner.decode(seqs))
+        return self.emit(seqs, self.runner.decode(seqs))
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+    def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         now = time.perf_counter()
         outputs = []
@@ -122,10 +122,10 @@ class LLMEngine:
             seq.token_times.append(now)
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            outputs.append(self._advance(seq, token))
+            outputs.append(self.advance(seq, token))
         return outputs
 
-    def _advance(self, seq: Sequence, token: int) -> StepOutput:
+    def advance(self, seq: Sequence, token: int) -> StepOutput:
         eos = token in self.loaded.eos_ids and not seq.params.ignore_eos
         ids = seq.output_ids[:-1] if eos else seq.output_ids
         text = seq.text + self._detokenize(seq, ids, flush=eos)

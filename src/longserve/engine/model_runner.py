@@ -43,7 +43,7 @@ class ModelRunner:
         seq.prefilled = end
         if final:
             self.staging.pop(seq.seq_id, None)
-            self._record(seq)
+            self.record(seq)
             return logits
         return None
 
@@ -54,10 +54,10 @@ class ModelRunner:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         logits = self.model(ids, backend.positions[:, None], backend)
         for seq in seqs:
-            self._record(seq)
+            self.record(seq)
         return logits
 
-    def _record(self, seq: Sequence) -> None:
+    def record(self, seq: Sequence) -> None:
         state = self.pool.slots[seq.slot]
         held = self.pool.held_nbytes(seq.slot)
         seq.kv_bytes_allocated = self.pool.slot_nbytes()

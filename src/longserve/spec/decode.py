@@ -365,12 +365,12 @@ class SpeculativeRun:
                 step = 1 if n == k else -1
                 self.k = min(self.dec.k_max, max(self.dec.k_min, self.k + step))
             spec["k_final"] = self.k
-        self.engine.runner._record(seq)
+        self.engine.runner.record(seq)
         now = time.perf_counter()
         for t in [*drafts[:n], token]:
             seq.output_ids.append(t)
             seq.token_times.append(now)
-            out = self.engine._advance(seq, t)
+            out = self.engine.advance(seq, t)
             if out.finished:
                 self.draft_engine.abort(self.draft_seq.request_id)
                 yield out
