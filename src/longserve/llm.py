@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +19,7 @@ from longserve.loader import DTYPES, LoadedModel, load
 from longserve.zoo import DEFAULT_MODEL
 
 Prompt = str | list[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 
 
 @dataclass
@@ -138,52 +139,53 @@ class LLM:
             dtype=self.dtype,
         )
 
+    def request(
+        self, sampling: SamplingParams | None = None, kv_policy: str | Policy | None = None, **options
+    ) -> tuple[SamplingParams, Policy]:
+        """One request's parameters: `SamplingParams` (given, or built from its field names among
+        `options`: `max_new_tokens=`, `temperature=`, `stop=`...) and the KV policy (`kv_policy` with
+        `kv_budget=` / `kv_ratio=` and the policy's own keywords, over this LLM's default policy)."""
+        given = {name: options.pop(name) for name in SAMPLING_FIELDS & options.keys()}
+        if sampling is not None and given:
+            raise InvalidParameterError(
+                f"pass sampling parameters as SamplingParams or as keywords, not both (got {sorted(given)})"
+            )
+        if given.get("stop") is None:
+            given.pop("stop", None)
+        params = sampling if sampling is not None else SamplingParams(**given)
+        budget, ratio = options.pop("kv_budget", None), options.pop("kv_ratio", None)
+        return params, self.policy(kv_policy, budget, ratio, **options)
+
+    def encode_any(self, prompt: Prompt | list[int]) -> list[int]:
+        """Token ids as they are, or text / chat messages encoded."""
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
+            return list(prompt)
+        return self.encode(prompt)
+
     def generate(
         self,
-        prompts: Prompt | list[Prompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        prompts: Prompt | list[int] | list[Prompt] | list[list[int]],
+        sampling: SamplingParams | None = None,
         kv_policy: str | Policy | None = None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
         progress: bool = False,
-        **policy_kwargs,
+        **options,
     ) -> list[Completion]:
-        """Generate for a batch of prompts; sequences are decoded together, up to `max_batch_size`."""
+        """Generate for a batch of prompts (text, chat messages or token ids); sequences are decoded
+        together, up to `max_batch_size`. `options`: see `request()`."""
         single = isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict | int)
         )
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
+        params, policy = self.request(sampling, kv_policy, **options)
         if self.speculative:
-            return [
-                self.speculative.generate(
-                    p,
-                    max_new_tokens,
-                    temperature,
-                    top_p,
-                    top_k,
-                    seed,
-                    stop,
-                    kv_policy,
-                    kv_budget,
-                    kv_ratio,
-                    **policy_kwargs,
-                )
-                for p in batch
-            ]
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        encoded = [self.encode(p) for p in batch]
-        capacity = max(policy.capacity(len(ids), max_new_tokens) for ids in encoded)
+            return [self.speculative.generate(p, params, policy) for p in batch]
+        encoded = [self.encode_any(p) for p in batch]
+        capacity = max(policy.capacity(len(ids), params.max_new_tokens) for ids in encoded)
         engine = self.engine(min(len(batch), self.max_batch_size), capacity)
         seqs = [engine.add_request(ids, params, policy) for ids in encoded]
-        total = sum(len(ids) + max_new_tokens for ids in encoded)
+        total = sum(len(ids) + params.max_new_tokens for ids in encoded)
         with tqdm(total=total, disable=not progress, desc="generate", unit="tok") as bar:
             while engine.has_unfinished():
                 before = sum(s.prefilled + len(s.output_ids) for s in seqs)
@@ -193,47 +195,22 @@ class LLM:
 
     def stream(
         self,
-        prompt: Prompt,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        prompt: Prompt | list[int],
+        sampling: SamplingParams | None = None,
         kv_policy: str | Policy | None = None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
         prefix: CompressedContext | None = None,
-        **policy_kwargs,
+        **options,
     ) -> Iterator[StepOutput]:
-        """Yield text pieces as they are generated; the last output has `finished=True` and the stats."""
+        """Yield text pieces as they are generated; the last output has `finished=True` and the stats.
+        With a `prefix` (a compressed context) the prompt is appended to it under the `full` policy."""
+        if prefix is not None:
+            kv_policy = FullPolicy()
+        params, policy = self.request(sampling, kv_policy, **options)
         if self.speculative and prefix is None:
-            yield from self.speculative.stream(
-                prompt,
-                max_new_tokens,
-                temperature,
-                top_p,
-                top_k,
-                seed,
-                stop,
-                kv_policy,
-                kv_budget,
-                kv_ratio,
-                **policy_kwargs,
-            )
+            yield from self.speculative.stream(prompt, params, policy)
             return
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = (
-            FullPolicy()
-            if prefix is not None
-            else self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        )
-        ids = (
-            prompt
-            if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
-            else self.encode(prompt)
-        )
-        capacity = policy.capacity(len(ids), max_new_tokens) + (prefix.fill if prefix is not None else 0)
+        ids = self.encode_any(prompt)
+        capacity = policy.capacity(len(ids), params.max_new_tokens) + (prefix.fill if prefix else 0)
         engine = self.engine(1, capacity)
         engine.add_request(ids, params, policy, prefix=prefix)
         while engine.has_unfinished():
@@ -252,13 +229,9 @@ class LLM:
         context is the opening of a user turn; `ask()` appends the question and the turn's end."""
         policy = self.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
         ids = context if isinstance(context, list) else self.split_chat(context, "")[0]
-        params = SamplingParams(max_new_tokens=1)
         engine = self.engine(1, policy.capacity(len(ids), 1))
-        seq = engine.add_request(ids, params, policy)
-        engine.scheduler.admit()
-        while seq.prefilled < seq.prompt_len:
-            step = engine.scheduler.schedule()
-            engine.runner.prefill(seq, step.n_tokens)
+        seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), policy)
+        engine.prefill(seq)
         record = {"name": policy.name, **{k: v for k, v in asdict(policy).items()}}
         ctx = CompressedContext.from_slot(engine.pool, seq.slot, self.fingerprint, record, len(ids))
         engine.abort(seq.request_id)

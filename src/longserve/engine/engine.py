@@ -81,10 +81,14 @@ class LLMEngine:
         positions: list[int] | None = None,
         prefix=None,
     ) -> Sequence:
-        self.check(len(prompt_ids), params, policy, prefix, positions)
         seq = Sequence(
             list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
         )
+        return self.add_sequence(seq)
+
+    def add_sequence(self, seq: Sequence) -> Sequence:
+        """Queue a sequence built by the caller (a `Sequence` subclass that carries extra stats)."""
+        self.check(seq.prompt_len, seq.params, seq.policy, seq.prefix, seq.prompt_positions)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -101,6 +105,7 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        self.last_step = None  # set before running, so a failing step() names exactly what it ran
         step = self.last_step = self.scheduler.schedule()
         if step is None:
             return []
@@ -113,19 +118,42 @@ class LLMEngine:
         seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
         return self.emit(seqs, self.runner.decode(seqs))
 
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Run a queued sequence's whole prompt now, chunk by chunk, and return the last position's
+        logits without sampling: compress-once, speculative decoding and the benchmarks need the KV
+        (or the logits) of a prompt, not a token."""
+        if seq.slot is None:
+            self.scheduler.admit()
+        if seq.slot is None:
+            raise RuntimeError(f"{seq.request_id} is not running: no free KV slot (or it is not queued)")
+        logits = None
+        while seq.prefilled < seq.prompt_len:
+            logits = self.runner.prefill(seq, self.scheduler.chunk(seq))
+        return logits
+
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample one token per sequence from `logits` [B, V] and append it."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return [self.append_tokens(seq, [token])[0] for seq, token in zip(seqs, tokens, strict=True)]
+
+    def append_tokens(self, seq: Sequence, ids: list[int]) -> list[StepOutput]:
+        """Append tokens chosen outside the sampler (speculative verification accepted them) as if they
+        had been generated one by one: detokenized, checked for EOS, stop strings and length; stops at
+        the token that finishes the sequence."""
+        self.runner.record(seq)
         now = time.perf_counter()
         outputs = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for token in ids:
             seq.output_ids.append(token)
             seq.token_times.append(now)
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            outputs.append(self.advance(seq, token))
+            outputs.append(self._advance(seq, token))
+            if outputs[-1].finished:
+                break
         return outputs
 
-    def advance(self, seq: Sequence, token: int) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int) -> StepOutput:
         eos = token in self.loaded.eos_ids and not seq.params.ignore_eos
         ids = seq.output_ids[:-1] if eos else seq.output_ids
         text = seq.text + self._detokenize(seq, ids, flush=eos)

@@ -8,6 +8,7 @@ preemption is needed (with `snapstream` a sequence costs exactly its budget).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from longserve.engine.sequence import Sequence, Status
@@ -24,6 +25,8 @@ class Step:
 class Scheduler:
     def __init__(self, pool: KVPool, prefill_chunk: int = 2048, max_waiting: int | None = None):
         self.pool, self.prefill_chunk, self.max_waiting = pool, prefill_chunk, max_waiting
+        # called with each sequence as it takes a slot (the server counts its queue with it)
+        self.on_admit: Callable[[Sequence], None] | None = None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._last = "decode"
@@ -40,8 +43,10 @@ class Scheduler:
             seq.slot = self.pool.allocate(seq.policy)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if self.on_admit is not None:
+                self.on_admit(seq)
 
-    def _chunk(self, seq: Sequence) -> int:
+    def chunk(self, seq: Sequence) -> int:
         remaining = seq.prompt_len - seq.prefilled
         if remaining <= self.prefill_chunk:
             return remaining
@@ -57,7 +62,7 @@ class Scheduler:
         if prefilling and (not decoding or self._last == "decode"):
             self._last = "prefill"
             seq = prefilling[0]
-            return Step("prefill", [seq], self._chunk(seq))
+            return Step("prefill", [seq], self.chunk(seq))
         if decoding:
             self._last = "decode"
             return Step("decode", decoding)

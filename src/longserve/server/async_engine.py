@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from longserve.engine.engine import LLMEngine, StepOutput
 from longserve.engine.sampler import SamplingParams
-from longserve.engine.scheduler import Step
+from longserve.engine.sequence import Sequence
 from longserve.errors import LongserveError
 from longserve.kv.policies import Policy
 from longserve.server.errors import APIError, QueueFullError, RequestFailedError
@@ -232,23 +232,15 @@ class AsyncEngine(EngineThread):
         self.engine = engine
         self.metrics.kv_slots.set(engine.pool.n_slots)
         self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
-        self._last_step: Step | None = None
         self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
-        schedule = engine.scheduler.schedule
+        engine.scheduler.on_admit = self._admitted
 
-        def traced_schedule() -> Step | None:
-            """Sees admissions as they happen and remembers which sequences a failing step() touched."""
-            self._last_step = None
-            self._last_step = schedule()
-            running = engine.scheduler.running
-            self.max_running_seen = max(self.max_running_seen, len(running))
-            for seq in running:
-                request = self._requests.get(seq.request_id)
-                if request is not None and request.waiting:
-                    self._not_waiting(request)
-            return self._last_step
-
-        engine.scheduler.schedule = traced_schedule
+    def _admitted(self, seq: Sequence) -> None:
+        """A queued request took a KV slot: it no longer counts against `max_waiting`."""
+        self.max_running_seen = max(self.max_running_seen, len(self.engine.scheduler.running))
+        request = self._requests.get(seq.request_id)
+        if request is not None and request.waiting:
+            self._not_waiting(request)
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -281,7 +273,7 @@ class AsyncEngine(EngineThread):
         try:
             outputs = self.engine.step()
         except Exception as exc:
-            step = self._last_step
+            step = self.engine.last_step
             seqs = step.seqs if step is not None else list(self.engine.scheduler.running)
             log.exception("engine step failed; failing %d request(s)", len(seqs))
             for seq in seqs:

@@ -98,18 +98,7 @@ class SpeculativeEngine(EngineThread):
         self._current = request
         run, recorded = None, False
         try:
-            p = request.params
-            run = self.decoder.session(
-                request.prompt_ids,
-                p.max_new_tokens,
-                p.temperature,
-                p.top_p,
-                p.top_k,
-                p.seed,
-                p.stop,
-                request.policy,
-                ignore_eos=p.ignore_eos,
-            )
+            run = self.decoder.session(request.prompt_ids, request.params, request.policy)
             run.seq.arrival = request.arrival  # TTFT counts the time spent in the queue too
             for out in run:
                 if self._requests.get(request.request_id) is not request:

@@ -15,7 +15,6 @@ has no per-head journal.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -138,43 +137,23 @@ class SpeculativeDecoder:
     # ---- public API ----------------------------------------------------------------------------
     def generate(
         self,
-        prompts: Prompt | list[Prompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        prompts: Prompt | list[int] | list[Prompt],
+        sampling: SamplingParams | None = None,
         kv_policy: str | Policy | None = None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        ignore_eos: bool = False,
         progress: bool = False,
-        **policy_kwargs,
+        **options,
     ) -> Completion | list[Completion]:
         """One prompt (text, chat messages or token ids) -> a Completion; a list of prompts -> a list,
-        run one after another."""
+        run one after another. `options` as in `LLM.request()`."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict | int)
         )
         batch = [prompts] if single else list(prompts)
+        params, policy = self.target.request(sampling, kv_policy, **options)
         out = []
         for prompt in tqdm(batch, disable=not progress, desc="speculative", unit="prompt"):
             last = None
-            for piece in self.stream(
-                prompt,
-                max_new_tokens,
-                temperature,
-                top_p,
-                top_k,
-                seed,
-                stop,
-                kv_policy,
-                kv_budget,
-                kv_ratio,
-                ignore_eos=ignore_eos,
-                **policy_kwargs,
-            ):
+            for piece in self.session(prompt, params, policy):
                 last = piece
             seq = last.seq
             out.append(
@@ -185,72 +164,33 @@ class SpeculativeDecoder:
     def stream(
         self,
         prompt: Prompt | list[int],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingParams | None = None,
         kv_policy: str | Policy | None = None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        ignore_eos: bool = False,
         draft_kv_policy: str | Policy | None = None,
-        **policy_kwargs,
+        **options,
     ) -> Iterator[StepOutput]:
         """Yield text pieces like `LLM.stream`; the last has `finished=True` and `seq.stats()` with the
         speculative counters. The draft uses the target's KV policy unless `draft_kv_policy` is given."""
-        yield from self.session(
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop,
-            kv_policy,
-            kv_budget,
-            kv_ratio,
-            ignore_eos,
-            draft_kv_policy,
-            **policy_kwargs,
-        )
+        yield from self.session(prompt, sampling, kv_policy, draft_kv_policy, **options)
 
     def session(
         self,
         prompt: Prompt | list[int],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingParams | None = None,
         kv_policy: str | Policy | None = None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        ignore_eos: bool = False,
         draft_kv_policy: str | Policy | None = None,
-        **policy_kwargs,
+        **options,
     ) -> SpeculativeRun:
         """A request to drive by hand: `start()` (prefill, first token), then `round()` until
         `seq.is_finished`; iterating it does both. Its engines and slots stay inspectable."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []), ignore_eos)
-        policy = self.target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        if draft_kv_policy is None:
-            draft_policy = self.draft.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        else:
-            draft_policy = self.draft.policy(draft_kv_policy)
+        params, policy = self.target.request(sampling, kv_policy, **options)
+        draft_policy = policy if draft_kv_policy is None else self.draft.policy(draft_kv_policy)
         if policy.head_adaptive or draft_policy.head_adaptive:
             raise InvalidParameterError(
                 "speculative decoding cannot roll back a head-adaptive KV cache; "
                 "use a uniform budget (head_adaptive=False)"
             )
-        ids = (
-            prompt
-            if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int))
-            else self.target.encode(prompt)
-        )
-        return SpeculativeRun(self, list(ids), params, policy, draft_policy)
+        return SpeculativeRun(self, self.target.encode_any(prompt), params, policy, draft_policy)
 
 
 class SpeculativeRun:
@@ -267,12 +207,8 @@ class SpeculativeRun:
         self.dec, self.params = dec, params
         n = params.max_new_tokens
         self.engine: LLMEngine = dec.target.engine(1, policy.capacity(len(ids), n))
-        self.engine.check(len(ids), params, policy)
-        self.seq = SpecSequence(list(ids), params, policy)
-        self.engine.sequences[self.seq.request_id] = self.seq
-        self.engine.scheduler.add(self.seq)
+        self.seq = self.engine.add_sequence(SpecSequence(list(ids), params, policy))
         self.draft_engine: LLMEngine = dec.draft.engine(1, draft_policy.capacity(len(ids), n))
-        self.draft_engine.check(len(ids), SamplingParams(max_new_tokens=n), draft_policy)
         self.draft_seq = self.draft_engine.add_request(
             list(ids), SamplingParams(max_new_tokens=n), draft_policy
         )
@@ -300,10 +236,7 @@ class SpeculativeRun:
     def start(self) -> Iterator[StepOutput]:
         """Prefill both models; the target's prefill samples the first token exactly like `LLM.stream`."""
         eng = self.draft_engine
-        eng.scheduler.admit()
-        while self.draft_seq.prefilled < self.draft_seq.prompt_len:
-            step = eng.scheduler.schedule()
-            eng.runner.prefill(self.draft_seq, step.n_tokens)
+        eng.prefill(self.draft_seq)
         self.draft_len = self.draft_seq.prompt_len
         self.draft = SpeculativeSlot(eng.runner.model, eng.pool, self.draft_seq.slot)
         outputs: list[StepOutput] = []
@@ -365,14 +298,7 @@ class SpeculativeRun:
                 step = 1 if n == k else -1
                 self.k = min(self.dec.k_max, max(self.dec.k_min, self.k + step))
             spec["k_final"] = self.k
-        self.engine.runner.record(seq)
-        now = time.perf_counter()
-        for t in [*drafts[:n], token]:
-            seq.output_ids.append(t)
-            seq.token_times.append(now)
-            out = self.engine.advance(seq, t)
+        for out in self.engine.append_tokens(seq, [*drafts[:n], token]):
             if out.finished:
                 self.draft_engine.abort(self.draft_seq.request_id)
-                yield out
-                return
             yield out
