@@ -50,9 +50,10 @@ class Scheduler:
         remaining = seq.prompt_len - seq.prefilled
         if remaining <= self.prefill_chunk:
             return remaining
-        # the final chunk must hold the policy's observation window (its queries vote)
+        # the final chunk must hold the policy's observation window (its queries vote), even when the
+        # window is longer than a chunk
         tail = max(seq.policy.window, 1)
-        return min(self.prefill_chunk, remaining - tail)
+        return min(self.prefill_chunk, remaining - tail) if remaining > tail else remaining
 
     def schedule(self) -> Step | None:
         self.admit()

@@ -1,0 +1,75 @@
+"""The public engine API other packages build on: prefill without sampling, appending tokens chosen
+elsewhere, and one request type (SamplingParams + policy) for generate/stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longserve.engine.sampler import SamplingParams
+from longserve.errors import InvalidParameterError
+from longserve.kv.policies import FullPolicy, make_policy
+from longserve.llm import LLM
+from tests.tiny import tiny_loaded
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(loaded=tiny_loaded("llama")[0], max_batch_size=4, prefill_chunk=16)
+
+
+def test_prefill_runs_every_chunk_and_returns_the_step_logits(llm):
+    ids = prompt(1, 50)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = llm.engine(1, 60)
+    seq = engine.add_request(ids, params, FullPolicy())
+    logits = engine.prefill(seq)
+    assert seq.prefilled == 50 and engine.pool.slots[seq.slot].fill == 50
+    first = int(logits.argmax())
+    expected = llm.generate(ids, params, "full")[0].token_ids
+    assert first == expected[0]
+    # the rest of the sequence decodes from there exactly as a plain run
+    engine.emit([seq], logits)
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.output_ids == expected
+
+
+def test_append_tokens_applies_stop_and_length_rules(llm):
+    ids = prompt(2, 20)
+    engine = llm.engine(1, 40)
+    seq = engine.add_request(ids, SamplingParams(max_new_tokens=3, ignore_eos=True), FullPolicy())
+    engine.prefill(seq)
+    outs = engine.append_tokens(seq, [5, 6, 7, 8, 9])
+    assert [o.finished for o in outs] == [False, False, True]  # stops at max_new_tokens, drops the rest
+    assert seq.output_ids == [5, 6, 7] and seq.finish_reason == "length"
+    assert seq.slot is None and not engine.has_unfinished()  # the slot is freed at once
+
+
+def test_prefill_refuses_a_sequence_without_a_slot(llm):
+    engine = llm.engine(1, 40)
+    params = SamplingParams(max_new_tokens=2)
+    engine.add_request(prompt(3, 10), params, FullPolicy())
+    waiting = engine.add_request(prompt(4, 10), params, FullPolicy())
+    with pytest.raises(RuntimeError, match="no free KV slot"):
+        engine.prefill(waiting)
+
+
+def test_generate_takes_sampling_params_or_keywords_and_token_ids(llm):
+    ids = prompt(5, 60)
+    by_keywords = llm.generate(ids, max_new_tokens=5, ignore_eos=True, kv_policy="snapkv", kv_budget=40)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    by_params = llm.generate([ids], params, make_policy("snapkv", budget=40))
+    assert by_keywords[0].token_ids == by_params[0].token_ids and len(by_params[0].token_ids) == 5
+    assert by_params[0].stats["kv_policy"] == "snapkv"
+    streamed = [out.seq.output_ids for out in llm.stream(ids, params, "snapkv", kv_budget=40)][-1]
+    assert streamed == by_params[0].token_ids
+
+
+def test_sampling_given_twice_is_refused(llm):
+    with pytest.raises(InvalidParameterError, match="not both"):
+        llm.generate(prompt(6, 10), SamplingParams(max_new_tokens=2), temperature=0.5)
