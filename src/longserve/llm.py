@@ -127,7 +127,7 @@ class LLM:
         return make_policy(kv_policy or name, budget=kv_budget or budget, ratio=kv_ratio or ratio, **merged)
 
     # ---- generation ----------------------------------------------------------------------------
-    def engine(self, n_slots: int, capacity: int) -> LLMEngine:
+    def engine(self, n_slots: int, capacity: int, max_step_tokens: int | None = None) -> LLMEngine:
         """A fresh engine over this model: `n_slots` KV slots of `capacity` tokens each (the server, the
         speculative decoder and the benchmarks drive one directly)."""
         return LLMEngine(
@@ -137,6 +137,7 @@ class LLM:
             max_tokens=self.context_window,
             prefill_chunk=self.prefill_chunk,
             dtype=self.dtype,
+            max_step_tokens=max_step_tokens,
         )
 
     def request(

@@ -73,3 +73,10 @@ def test_generate_takes_sampling_params_or_keywords_and_token_ids(llm):
 def test_sampling_given_twice_is_refused(llm):
     with pytest.raises(InvalidParameterError, match="not both"):
         llm.generate(prompt(6, 10), SamplingParams(max_new_tokens=2), temperature=0.5)
+
+
+def test_a_request_larger_than_the_slots_names_the_slot_size(llm):
+    engine = llm.engine(1, 40)
+    with pytest.raises(Exception, match="each KV slot holds 40") as info:
+        engine.add_request(prompt(7, 60), SamplingParams(max_new_tokens=2), FullPolicy())
+    assert "--kv-budget" in str(info.value) and '"budget": 40' in str(info.value)

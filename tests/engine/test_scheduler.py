@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from longserve.engine.sampler import SamplingParams
 from longserve.engine.scheduler import Scheduler
 from longserve.engine.sequence import Sequence, Status
+from longserve.errors import InvalidParameterError
 from longserve.kv.policies import make_policy
 
 
@@ -112,3 +115,29 @@ def test_finish_frees_the_queue_position():
     sched.finish(a)
     assert not sched.has_work() and a.is_finished and b.is_finished
     assert sched.schedule() is None
+
+
+def test_step_token_budget_bounds_prefill_while_others_decode():
+    """A long prompt arriving while 3 streams decode runs in chunks of (budget - 3) tokens; alone it
+    takes whole `prefill_chunk`s again."""
+    sched = Scheduler(SlotCounter(4), prefill_chunk=64, max_step_tokens=19)
+    decoding = [seq(2) for _ in range(3)]
+    for s in decoding:
+        sched.add(s)
+    sched.admit()
+    for s in decoding:
+        s.prefilled = 2
+    long = seq(100)
+    sched.add(long)
+    sizes = []
+    for _ in range(4):
+        step = sched.schedule()
+        if step.kind == "prefill":
+            sizes.append(step.n_tokens)
+            long.prefilled += step.n_tokens
+    assert sizes == [16, 16]
+    for s in decoding:
+        sched.finish(s)
+    assert sched.schedule().n_tokens == 64
+    with pytest.raises(InvalidParameterError):
+        Scheduler(SlotCounter(1), max_step_tokens=0)

@@ -36,12 +36,13 @@ class LLMEngine:
         max_tokens: int | None = None,
         prefill_chunk: int = 2048,
         dtype: torch.dtype = torch.float32,
+        max_step_tokens: int | None = None,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype)
         self.runner = ModelRunner(loaded.model, self.pool)
-        self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk)
+        self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.last_step = None  # what the latest step() ran (the server fails exactly those on errors)
 
@@ -68,8 +69,11 @@ class LLMEngine:
         need = policy.capacity(prompt_len, params.max_new_tokens) + (prefix.fill if prefix is not None else 0)
         if need > self.pool.capacity:
             raise ContextLengthError(
-                f"this request needs {need} KV slots under policy '{policy.name}' but the engine's slots hold "
-                f"{self.pool.capacity}; use a compressing policy or restart with a larger --max-model-len"
+                f"this request needs {need} KV entries per layer under policy '{policy.name}' but each KV "
+                f"slot holds {self.pool.capacity} (slots are sized once, for the server's default policy "
+                f"and budget); send a policy whose budget fits, e.g. "
+                f'{{"name": "snapstream", "budget": {self.pool.capacity}}}, or restart the server with '
+                f"a larger --kv-budget (or --kv-policy full, whose slots hold --max-model-len)"
             )
 
     def add_request(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from longserve.engine.sequence import Sequence, Status
+from longserve.errors import InvalidParameterError
 from longserve.kv.cache import KVPool
 
 
@@ -23,8 +24,21 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, prefill_chunk: int = 2048, max_waiting: int | None = None):
+    def __init__(
+        self,
+        pool: KVPool,
+        prefill_chunk: int = 2048,
+        max_waiting: int | None = None,
+        max_step_tokens: int | None = None,
+    ):
+        """`prefill_chunk`: prompt tokens per prefill step while nothing decodes. `max_step_tokens`:
+        while sequences decode, a prefill step runs at most this many tokens minus one per decoding
+        sequence (vLLM's `max_num_batched_tokens`), so a long prompt arriving delays every running
+        stream by one bounded chunk, not by its whole prefill; None = `prefill_chunk`."""
+        if max_step_tokens is not None and max_step_tokens < 1:
+            raise InvalidParameterError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.pool, self.prefill_chunk, self.max_waiting = pool, prefill_chunk, max_waiting
+        self.max_step_tokens = max_step_tokens
         # called with each sequence as it takes a slot (the server counts its queue with it)
         self.on_admit: Callable[[Sequence], None] | None = None
         self.waiting: deque[Sequence] = deque()
@@ -46,14 +60,16 @@ class Scheduler:
             if self.on_admit is not None:
                 self.on_admit(seq)
 
-    def chunk(self, seq: Sequence) -> int:
+    def chunk(self, seq: Sequence, limit: int | None = None) -> int:
+        """Prompt tokens of `seq` to run in its next prefill step, at most `limit` (default the chunk)."""
+        limit = min(self.prefill_chunk, limit or self.prefill_chunk)
         remaining = seq.prompt_len - seq.prefilled
-        if remaining <= self.prefill_chunk:
+        if remaining <= limit:
             return remaining
         # the final chunk must hold the policy's observation window (its queries vote), even when the
         # window is longer than a chunk
         tail = max(seq.policy.window, 1)
-        return min(self.prefill_chunk, remaining - tail) if remaining > tail else remaining
+        return min(limit, remaining - tail) if remaining > tail else remaining
 
     def schedule(self) -> Step | None:
         self.admit()
@@ -63,7 +79,10 @@ class Scheduler:
         if prefilling and (not decoding or self._last == "decode"):
             self._last = "prefill"
             seq = prefilling[0]
-            return Step("prefill", [seq], self.chunk(seq))
+            limit = (
+                max(1, self.max_step_tokens - len(decoding)) if decoding and self.max_step_tokens else None
+            )
+            return Step("prefill", [seq], self.chunk(seq, limit))
         if decoding:
             self._last = "decode"
             return Step("decode", decoding)

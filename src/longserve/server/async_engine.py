@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,6 +45,7 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against max_waiting until it holds a KV slot
+    admitted_at: float | None = None  # when it took a KV slot
     last_token_at: float | None = None
 
 
@@ -99,6 +101,7 @@ class EngineThread:
         self._n_waiting = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._service_s: float | None = None  # moving average of admission -> finish, for Retry-After
 
     # ---- any thread ----------------------------------------------------------------------------
     @property
@@ -141,11 +144,27 @@ class EngineThread:
         if arrival is not None:
             request.arrival = arrival
         with self._lock:
-            if self.max_waiting is not None and self._n_waiting >= self.max_waiting:
-                raise QueueFullError(self._n_waiting)
+            # requests about to take a free slot are not queued behind anything
+            queued = self._n_waiting - self._free_slots()
+            if self.max_waiting is not None and queued >= self.max_waiting:
+                raise QueueFullError(queued, self.retry_after_s(queued))
             self._n_waiting += 1
         self._send(("add", request))
         return RequestStream(self, request)
+
+    def retry_after_s(self, queued: int) -> int:
+        """Seconds until a new request would likely get a slot: the queue ahead of it, served
+        `_n_slots()` at a time at the recent time per request (1 s until a request has finished)."""
+        if self._service_s is None:
+            return 1
+        return max(1, min(3600, math.ceil(self._service_s * (queued + 1) / max(1, self._n_slots()))))
+
+    def _free_slots(self) -> int:
+        """KV slots free right now (read from any thread: an estimate, for admission control)."""
+        return 0
+
+    def _n_slots(self) -> int:
+        return 1
 
     def _send(self, command: tuple) -> None:
         self._inbox.put(command)
@@ -154,6 +173,7 @@ class EngineThread:
         with self._lock:
             if request.waiting:
                 request.waiting = False
+                request.admitted_at = time.perf_counter()
                 self._n_waiting -= 1
 
     # ---- engine thread -------------------------------------------------------------------------
@@ -209,6 +229,10 @@ class EngineThread:
             m.e2e.observe(seq.finished_at - request.arrival)
             m.compression.observe(seq.stats()["compression_ratio"])
             m.requests.labels(seq.finish_reason or "unknown").inc()
+            if request.admitted_at is not None:
+                served = seq.finished_at - request.admitted_at
+                old = self._service_s
+                self._service_s = served if old is None else 0.8 * old + 0.2 * served
         self._deliver(request, out)
 
     def _fail(self, request: _Request, exc: BaseException) -> None:
@@ -234,6 +258,12 @@ class AsyncEngine(EngineThread):
         self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
         self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
         engine.scheduler.on_admit = self._admitted
+
+    def _free_slots(self) -> int:
+        return self.engine.pool.n_free
+
+    def _n_slots(self) -> int:
+        return self.engine.pool.n_slots
 
     def _admitted(self, seq: Sequence) -> None:
         """A queued request took a KV slot: it no longer counts against `max_waiting`."""
