@@ -169,12 +169,15 @@ class EngineThread:
     def _send(self, command: tuple) -> None:
         self._inbox.put(command)
 
-    def _not_waiting(self, request: _Request) -> None:
+    def _not_waiting(self, request: _Request, admitted: bool = False) -> None:
+        """The request left the queue: it took a slot (`admitted`), or it was aborted or failed."""
         with self._lock:
             if request.waiting:
                 request.waiting = False
-                request.admitted_at = time.perf_counter()
                 self._n_waiting -= 1
+                if admitted:
+                    request.admitted_at = time.perf_counter()
+                    self.metrics.admitted(request.admitted_at - request.arrival)
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -212,23 +215,19 @@ class EngineThread:
             if request is not None:
                 self._not_waiting(request)
                 self._abort_in_engine(payload)
-                self.metrics.requests.labels("abort").inc()
+                self.metrics.ended("abort")
 
     def _on_output(self, request: _Request, out: StepOutput) -> None:
         seq, m = out.seq, self.metrics
         now = seq.token_times[-1]
         if request.last_token_at is None:
-            m.ttft.observe(now - request.arrival)
-            m.prompt_tokens.inc(seq.prompt_len)
-        else:
-            m.itl.observe(now - request.last_token_at)
+            prefill_s = now - request.admitted_at if request.admitted_at is not None else None
+            m.first_token(now - request.arrival, prefill_s, seq.prompt_len)
+        m.token(now - request.last_token_at if request.last_token_at is not None else None)
         request.last_token_at = now
-        m.generation_tokens.inc()
         if out.finished:
             self._requests.pop(request.request_id, None)
-            m.e2e.observe(seq.finished_at - request.arrival)
-            m.compression.observe(seq.stats()["compression_ratio"])
-            m.requests.labels(seq.finish_reason or "unknown").inc()
+            m.finished(seq.finished_at - request.arrival, seq.finished_at - seq.token_times[0], seq.stats())
             if request.admitted_at is not None:
                 served = seq.finished_at - request.admitted_at
                 old = self._service_s
@@ -239,7 +238,7 @@ class EngineThread:
         self._requests.pop(request.request_id, None)
         self._not_waiting(request)
         self._abort_in_engine(request.request_id)
-        self.metrics.requests.labels("error").inc()
+        self.metrics.ended("error")
         self._deliver(request, exc if isinstance(exc, LongserveError) else RequestFailedError(exc))
 
     @staticmethod
@@ -270,7 +269,7 @@ class AsyncEngine(EngineThread):
         self.max_running_seen = max(self.max_running_seen, len(self.engine.scheduler.running))
         request = self._requests.get(seq.request_id)
         if request is not None and request.waiting:
-            self._not_waiting(request)
+            self._not_waiting(request, admitted=True)
 
     # ---- engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -337,7 +336,5 @@ class AsyncEngine(EngineThread):
 
     def _refresh_gauges(self) -> None:
         pool, m = self.engine.pool, self.metrics
-        m.running.set(len(self.engine.scheduler.running))
-        m.waiting.set(self._n_waiting)
-        m.kv_usage.set(1 - pool.n_free / pool.n_slots)
+        m.load(len(self.engine.scheduler.running), self._n_waiting, 1 - pool.n_free / pool.n_slots)
         m.kv_bytes.set(sum(pool.held_nbytes(s) for s, state in enumerate(pool.slots) if state is not None))

@@ -94,7 +94,7 @@ class SpeculativeEngine(EngineThread):
             self._pending = deque(r for r in self._pending if r.request_id != request_id)
 
     def _serve(self, request: _Request) -> None:
-        self._not_waiting(request)
+        self._not_waiting(request, admitted=True)
         self._current = request
         run, recorded = None, False
         try:
