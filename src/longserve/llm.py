@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
 from longserve.engine.engine import LLMEngine, StepOutput
+from longserve.engine.prefix_cache import PrefixCache
 from longserve.engine.sampler import SamplingParams
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy, Policy, make_policy
@@ -53,6 +54,7 @@ class LLM:
         loaded: LoadedModel | None = None,
         draft: str | LLM | None = None,
         num_draft_tokens: int = 4,
+        prefix_cache: str | int | None = None,
         **policy_kwargs,
     ):
         if dtype not in DTYPES:
@@ -65,6 +67,14 @@ class LLM:
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.default_policy = (kv_policy, kv_budget, kv_ratio, policy_kwargs)
         make_policy(kv_policy, budget=kv_budget, ratio=kv_ratio, **policy_kwargs)  # fail early on bad input
+        self.prefix_cache = None  # KV of earlier prompts' prefixes, reused across calls (`full` policy)
+        if prefix_cache:
+            from longserve.server.kv_plan import parse_kv_memory
+
+            size = parse_kv_memory(prefix_cache)
+            if size.unit != "bytes":
+                raise InvalidParameterError("prefix_cache takes a size in bytes, e.g. '1GiB' or 512000000")
+            self.prefix_cache = PrefixCache(size.amount, self.fingerprint)
         self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
         if draft is not None:
             from longserve.spec import SpeculativeDecoder
@@ -138,6 +148,7 @@ class LLM:
             prefill_chunk=self.prefill_chunk,
             dtype=self.dtype,
             max_step_tokens=max_step_tokens,
+            prefix_cache=self.prefix_cache,
         )
 
     def request(

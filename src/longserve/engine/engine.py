@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from longserve.context import CompressedContext
 from longserve.engine.model_runner import ModelRunner
+from longserve.engine.prefix_cache import PrefixCache
 from longserve.engine.sampler import SamplingParams, sample
 from longserve.engine.scheduler import Scheduler
 from longserve.engine.sequence import Sequence
@@ -37,6 +39,7 @@ class LLMEngine:
         prefill_chunk: int = 2048,
         dtype: torch.dtype = torch.float32,
         max_step_tokens: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -44,6 +47,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.pool)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}
+        self.prefix_cache = prefix_cache
         self.last_step = None  # what the latest step() ran (the server fails exactly those on errors)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -88,7 +92,19 @@ class LLMEngine:
         seq = Sequence(
             list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
         )
+        if self.caches(policy) and positions is None and prefix is None:
+            seq.cache_ids = (
+                seq.prompt_ids
+            )  # looked up when its prefill starts (earlier prompts are in by then)
         return self.add_sequence(seq)
+
+    def caches(self, policy: Policy) -> bool:
+        """Prefix caching covers `full` on models without sliding-window layers (see prefix_cache)."""
+        return (
+            self.prefix_cache is not None
+            and policy.name == "full"
+            and not any(self.loaded.args.layer_windows)
+        )
 
     def add_sequence(self, seq: Sequence) -> Sequence:
         """Queue a sequence built by the caller (a `Sequence` subclass that carries extra stats)."""
@@ -114,10 +130,14 @@ class LLMEngine:
         if step is None:
             return []
         if step.kind == "prefill":
-            seq = step.seqs[0]
-            logits = self.runner.prefill(seq, step.n_tokens)
+            seq, n_tokens = step.seqs[0], step.n_tokens
+            if seq.prefilled == 0 and seq.cache_ids is not None:
+                n_tokens = min(n_tokens, self._attach_cached_prefix(seq))
+            logits = self.runner.prefill(seq, n_tokens)
             if logits is None:
                 return []
+            if seq.cache_ids is not None:
+                self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq))
             return self.emit(step.seqs, logits)
         seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
         return self.emit(seqs, self.runner.decode(seqs))
@@ -134,6 +154,20 @@ class LLMEngine:
         while seq.prefilled < seq.prompt_len:
             logits = self.runner.prefill(seq, self.scheduler.chunk(seq))
         return logits
+
+    def _attach_cached_prefix(self, seq: Sequence) -> int:
+        """Start `seq` from the longest cached prefix of its prompt; returns the tokens left to prefill."""
+        prefix, n = self.prefix_cache.lookup(seq.cache_ids)
+        if prefix is not None:
+            seq.prefix, seq.cached_tokens, seq.prompt_ids = prefix, n, seq.cache_ids[n:]
+        return seq.prompt_len
+
+    def snapshot(self, seq: Sequence) -> CompressedContext:
+        """A copy of the KV a running sequence holds (prompt, and output so far)."""
+        record = {"name": seq.policy.name}
+        return CompressedContext.from_slot(
+            self.pool, seq.slot, "", record, seq.prompt_len + seq.cached_tokens
+        )
 
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per sequence from `logits` [B, V] and append it."""

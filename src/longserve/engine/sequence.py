@@ -34,6 +34,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already run through the model
     prompt_positions: list[int] | None = None  # explicit positions (speculative prefill keeps gaps)
     prefix: object | None = None  # a CompressedContext loaded into the slot before the prompt runs
+    cached_tokens: int = 0  # prompt tokens that came from the prefix cache (not in prompt_ids)
+    cache_ids: list[int] | None = None  # the whole prompt, for the prefix cache (None: not cacheable)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: str = ""  # detokenized output so far (stop strings are matched on it)
@@ -72,7 +74,8 @@ class Sequence:
         ttft = (self.first_token_at - self.arrival) if self.first_token_at else None
         decode_s = (self.token_times[-1] - self.token_times[0]) if len(self.token_times) > 1 else 0.0
         return {
-            "prompt_tokens": self.prompt_len,
+            "prompt_tokens": self.prompt_len + self.cached_tokens,
+            "cached_prompt_tokens": self.cached_tokens,
             "completion_tokens": len(self.output_ids),
             "ttft_s": ttft,
             "decode_tokens_per_s": (len(self.token_times) - 1) / decode_s if decode_s > 0 else None,
@@ -83,7 +86,8 @@ class Sequence:
             "kv_tokens_final": self.kv_tokens_final,
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
             "kv_tokens_per_head": self.kv_tokens_per_head,
-            "compression_ratio": (self.prompt_len + len(self.output_ids)) / max(1, self.kv_tokens_final),
+            "compression_ratio": (self.prompt_len + self.cached_tokens + len(self.output_ids))
+            / max(1, self.kv_tokens_final),
             "kv_bytes_read": self.kv_bytes_read,
             "finish_reason": self.finish_reason,
         }

@@ -1,0 +1,131 @@
+"""Automatic prefix caching: a hit gives exactly a miss's tokens, and the cache stays consistent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longserve.engine.prefix_cache import PrefixCache
+from longserve.engine.sampler import SamplingParams
+from longserve.kv.policies import FullPolicy
+from longserve.llm import LLM
+from tests.tiny import tiny_loaded
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded("llama")[0]
+
+
+def fresh(loaded, cache="64MB", **kw) -> LLM:
+    return LLM(loaded=loaded, prefill_chunk=64, prefix_cache=cache, **kw)
+
+
+PARAMS = dict(max_new_tokens=8, ignore_eos=True)
+
+
+def test_a_hit_gives_the_same_greedy_tokens_as_a_miss(loaded):
+    shared = prompt(1, 300)
+    a, b = shared + prompt(2, 20), shared + prompt(3, 37)
+    plain = LLM(loaded=loaded, prefill_chunk=64)
+    expected = [out.token_ids for out in plain.generate([a, b], **PARAMS)]
+    llm = fresh(loaded)
+    first = llm.generate(a, **PARAMS)[0]
+    second = llm.generate(b, **PARAMS)[0]
+    assert [first.token_ids, second.token_ids] == expected
+    assert first.stats["cached_prompt_tokens"] == 0
+    assert second.stats["cached_prompt_tokens"] == 256  # 4 full blocks of 64 shared with `a`
+    assert second.stats["prompt_tokens"] == len(b)
+    again = llm.generate(a, **PARAMS)[0]  # the whole prompt is cached but its last token is prefilled
+    assert again.token_ids == expected[0] and again.stats["cached_prompt_tokens"] == 256
+    stats = llm.prefix_cache.stats
+    assert (stats.hits, stats.misses, stats.hit_tokens) == (2, 1, 512)
+
+
+def test_prompts_of_one_call_reuse_each_other(loaded):
+    shared = prompt(4, 200)
+    batch = [shared + prompt(5 + i, 10) for i in range(3)]
+    llm = fresh(loaded)
+    outs = llm.generate(batch, **PARAMS)
+    assert [o.stats["cached_prompt_tokens"] for o in outs] == [0, 192, 192]
+    plain = LLM(loaded=loaded, prefill_chunk=64).generate(batch, **PARAMS)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+
+
+def test_a_changed_token_misses_from_its_block_on(loaded):
+    base = prompt(6, 400)
+    llm = fresh(loaded)
+    llm.generate(base, **PARAMS)
+    changed = list(base)
+    changed[150] = (changed[150] + 1) % 256  # inside the third block
+    out = llm.generate(changed, **PARAMS)[0]
+    assert out.stats["cached_prompt_tokens"] == 128
+    plain = LLM(loaded=loaded, prefill_chunk=64).generate(changed, **PARAMS)[0]
+    assert out.token_ids == plain.token_ids
+
+
+def test_the_fingerprint_is_part_of_every_hash():
+    ids = list(range(200))
+    assert PrefixCache(10**6, "model-a").block_hashes(ids) != PrefixCache(10**6, "model-b").block_hashes(ids)
+    assert len(PrefixCache(10**6, "m", block_size=64).block_hashes(ids)) == 3
+
+
+def test_eviction_keeps_the_budget_and_the_index_consistent(loaded):
+    llm = fresh(loaded)
+    cache = llm.prefix_cache
+    llm.generate(prompt(7, 130), **PARAMS)
+    one_entry = cache.stats.bytes
+    cache.max_bytes = one_entry + one_entry // 2  # room for one entry of this size
+    llm.generate(prompt(8, 130), **PARAMS)
+    assert cache.stats.entries == 1 and cache.stats.evicted == 1 and cache.stats.bytes <= cache.max_bytes
+    assert all(holders for holders in cache.index.values())
+    assert {e for holders in cache.index.values() for e in holders} == set(cache.entries)
+    assert llm.generate(prompt(7, 130), **PARAMS)[0].stats["cached_prompt_tokens"] == 0  # evicted: a miss
+
+
+def test_an_entry_evicted_while_a_request_uses_it_still_serves_that_request(loaded):
+    shared = prompt(9, 260)
+    llm = fresh(loaded)
+    llm.generate(shared + [1], **PARAMS)
+    engine = llm.engine(1, 400)
+    seq = engine.add_request(shared + [2, 3], SamplingParams(**PARAMS), FullPolicy())
+    engine.step()  # the first prefill step attaches the cached prefix ...
+    assert seq.cached_tokens == 256
+    for entry_id in list(llm.prefix_cache.entries):  # ... which is then evicted under it
+        llm.prefix_cache._evict(entry_id)
+    while engine.has_unfinished():
+        engine.step()
+    plain = LLM(loaded=loaded, prefill_chunk=64).generate(shared + [2, 3], **PARAMS)[0]
+    assert seq.output_ids == plain.token_ids
+
+
+def test_a_cancelled_request_leaves_the_cache_as_it_was(loaded):
+    llm = fresh(loaded)
+    engine = llm.engine(1, 600)
+    seq = engine.add_request(prompt(10, 500), SamplingParams(**PARAMS), FullPolicy())
+    engine.step()  # one 64-token chunk of eight
+    engine.abort(seq.request_id)
+    assert llm.prefix_cache.stats.entries == 0 and not llm.prefix_cache.index
+    assert engine.pool.n_free == 1
+
+
+def test_only_full_policy_on_models_without_sliding_windows_is_cached(loaded):
+    llm = fresh(loaded)
+    llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="snapkv", kv_budget=100)
+    assert llm.prefix_cache.stats.entries == 0 and llm.prefix_cache.stats.misses == 0
+    gemma = LLM(loaded=tiny_loaded("gemma3")[0], prefill_chunk=64, prefix_cache="64MB")
+    gemma.generate(prompt(11, 200), max_new_tokens=2)
+    assert gemma.prefix_cache.stats.entries == 0
+
+
+def test_bad_cache_sizes_are_refused(loaded):
+    from longserve.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError):
+        fresh(loaded, cache="lots")
+    with pytest.raises(InvalidParameterError, match="bytes"):
+        fresh(loaded, cache="4096tok")
