@@ -163,7 +163,7 @@ class HalfRightModel:
     def split_chat(self, context: str, question: str):
         return [context], [question]
 
-    def generate(self, ids, max_new_tokens: int):
+    def generate(self, ids, max_new_tokens: int, **sampling):
         word = ids[-1].split("Input: ")[1].split("\n")[0]
         self.asked.append(word)
         text = self.answers[word] if len(self.asked) % 2 else "wrong"
@@ -180,7 +180,7 @@ def test_reinforce_keeps_only_checked_answers():
     task = make_task("cipher", 20, seed=0)
     model = HalfRightModel(task)
     unlabelled = task.examples[:6]
-    kept = ManyShot(model, task).reinforce(unlabelled, task.examples[6:8])
+    kept = ManyShot(model, task, chat=True).reinforce(unlabelled, task.examples[6:8])
     assert model.asked == [ex.input for ex in unlabelled]
     assert [ex.input for ex in kept] == [ex.input for ex in unlabelled[::2]]
     assert [ex.target for ex in kept] == [ex.target for ex in unlabelled[::2]]  # the model's own answer

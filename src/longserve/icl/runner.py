@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from longserve.errors import InvalidParameterError
 from longserve.icl.selection import Embed, order, select
 from longserve.icl.tasks import Example, Task
+from longserve.llm import Completion
 
 
 @dataclass
@@ -78,10 +79,14 @@ class ShotResult:
 
 
 class ManyShot:
-    """`ManyShot(llm, task, embed=Embedder(llm)).run(pool, test, ShotConfig(64))`."""
+    """`ManyShot(llm, task, embed=Embedder(llm)).run(pool, test, ShotConfig(64))`.
 
-    def __init__(self, llm, task: Task, embed: Embed | None = None):
-        self.llm, self.task, self.embed = llm, task, embed
+    `chat=False` (default) lays the demonstrations out as plain text that the query continues
+    ("Input: ...\nOutput:"), the format in which small models pick up a pattern; `chat=True` puts them
+    in one user turn (the answer then comes in the assistant's turn)."""
+
+    def __init__(self, llm, task: Task, embed: Embed | None = None, chat: bool = False):
+        self.llm, self.task, self.embed, self.chat = llm, task, embed, chat
 
     # ---- prompts -------------------------------------------------------------------------------
     def block(self, demos: list[Example]) -> str:
@@ -92,8 +97,26 @@ class ManyShot:
     def query(example: Example) -> str:
         return f"Input: {example.input}\nOutput:"
 
+    def split(self, block: str, query: str) -> tuple[list[int], list[int]]:
+        """Token ids of (the demonstration block, the query): the block is the reusable prefix."""
+        if self.chat:
+            return self.llm.split_chat(block, query)
+        tok = self.llm.tokenizer
+        return tok.encode(block + "\n\n", add_special_tokens=True), tok.encode(
+            query, add_special_tokens=False
+        )
+
     def block_tokens(self, demos: list[Example]) -> int:
-        return len(self.llm.split_chat(self.block(demos), "")[0])
+        return len(self.split(self.block(demos), "")[0])
+
+    def answer(self, head: list[int], tail: list[int], ctx=None, **policy):
+        """One query's completion: on top of a reused block `ctx`, or with the block re-prefilled."""
+        sampling = {"max_new_tokens": self.task.max_new_tokens, "stop": None if self.chat else ["\n"]}
+        if ctx is None:
+            return self.llm.generate(head + tail, **sampling, **policy)[0]
+        *_, last = self.llm.stream(tail, prefix=ctx, **sampling)
+        seq = last.seq
+        return Completion(seq.text, seq.output_ids, seq.prompt_len, seq.finish_reason, seq.stats())
 
     def max_shots(self, pool: list[Example], limit: int | None = None) -> int:
         """The most demonstrations of `pool` (in order) whose block plus the longest query and answer fit
@@ -130,18 +153,16 @@ class ManyShot:
         if n_block + self.task.max_new_tokens + 64 > self.llm.context_window:
             return ShotResult(config, [], n_block, 0.0, 0, fits=False)
         policy = {"kv_policy": config.kv_policy, "kv_ratio": config.kv_ratio}
+        head, _ = self.split(block, "")
         ctx, prefill_s = None, 0.0
         if config.reuse:
             start = time.perf_counter()
-            ctx = self.llm.compress(block, **policy)
+            ctx = self.llm.compress(head, **policy)
             prefill_s = time.perf_counter() - start
         results = []
         for ex in tqdm(test, disable=not progress, desc=config.label, unit="query"):
-            if ctx is not None:
-                out = self.llm.ask(ctx, self.query(ex), max_new_tokens=self.task.max_new_tokens)
-            else:
-                head, tail = self.llm.split_chat(block, self.query(ex))
-                out = self.llm.generate(head + tail, max_new_tokens=self.task.max_new_tokens, **policy)[0]
+            head, tail = self.split(block, self.query(ex))
+            out = self.answer(head, tail, ctx) if ctx is not None else self.answer(head, tail, **policy)
             results.append(self._result(ex, out))
         return ShotResult(config, results, n_block, prefill_s, ctx.nbytes if ctx is not None else 0)
 
@@ -152,14 +173,9 @@ class ManyShot:
         for ex in tqdm(test, disable=not progress, desc=config.label, unit="query"):
             anchor = self.embed([ex.input])[0] if self.embed is not None else None
             demos = self.demos_for(pool, config, anchor)
-            head, tail = self.llm.split_chat(self.block(demos), self.query(ex))
+            head, tail = self.split(self.block(demos), self.query(ex))
             blocks.append(len(head))
-            out = self.llm.generate(
-                head + tail,
-                max_new_tokens=self.task.max_new_tokens,
-                kv_policy=config.kv_policy,
-                kv_ratio=config.kv_ratio,
-            )[0]
+            out = self.answer(head, tail, kv_policy=config.kv_policy, kv_ratio=config.kv_ratio)
             results.append(self._result(ex, out))
         return ShotResult(config, results, round(sum(blocks) / max(1, len(blocks))), 0.0, 0)
 
@@ -182,8 +198,8 @@ class ManyShot:
         block = self.block(seed_demos)
         kept = []
         for ex in tqdm(unlabelled, disable=not progress, desc="reinforce", unit="input"):
-            head, tail = self.llm.split_chat(block, self.query(ex))
-            text = self.llm.generate(head + tail, max_new_tokens=self.task.max_new_tokens)[0].text
+            head, tail = self.split(block, self.query(ex))
+            text = self.answer(head, tail).text
             if self.task.check(text, ex)[0]:
                 kept.append(Example(ex.input, text.strip().splitlines()[0].strip(), ex.label))
         return kept
