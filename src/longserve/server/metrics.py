@@ -27,61 +27,49 @@ _ACCEPTED_BUCKETS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
-class VLLMSeries:
-    """vLLM's request series (names, labels and meaning as vLLM exports them), fed by `Metrics`."""
+class Both:
+    """One event recorded under longserve's series and vLLM's (labelled `model_name`)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
-        r, label = registry, ["model_name"]
+    def __init__(self, *series) -> None:
+        self.series = series
 
-        def one(kind, name: str, doc: str, **kw):
-            return kind(f"vllm:{name}", doc, label, registry=r, **kw).labels(model_name)
+    def observe(self, value: float) -> None:
+        for s in self.series:
+            s.observe(value)
 
-        def hist(name: str, doc: str, buckets) -> Histogram:
-            return one(Histogram, name, doc, buckets=buckets)
+    def inc(self, value: float = 1) -> None:
+        for s in self.series:
+            s.inc(value)
 
-        self.ttft = hist("time_to_first_token_seconds", "Time to first token", _LATENCY_BUCKETS)
-        self.itl = hist("inter_token_latency_seconds", "Inter-token latency", _ITL_BUCKETS)
-        self.e2e = hist("e2e_request_latency_seconds", "End-to-end request latency", _LATENCY_BUCKETS)
-        self.queue = hist("request_queue_time_seconds", "Time spent waiting for a slot", _LATENCY_BUCKETS)
-        self.prefill = hist("request_prefill_time_seconds", "Time spent in prefill", _LATENCY_BUCKETS)
-        self.decode = hist("request_decode_time_seconds", "Time spent in decode", _LATENCY_BUCKETS)
-        self.prompt_hist = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
-        self.generation_hist = hist(
-            "request_generation_tokens", "Generated tokens per request", _TOKEN_BUCKETS
-        )
-        self.prompt_tokens = one(Counter, "prompt_tokens", "Prefilled tokens")
-        self.generation_tokens = one(Counter, "generation_tokens", "Generated tokens")
-        self.running = one(Gauge, "num_requests_running", "Running requests")
-        self.waiting = one(Gauge, "num_requests_waiting", "Waiting requests")
-        self.kv_usage = one(Gauge, "kv_cache_usage_perc", "KV cache usage (1 = full)")
-        self._success = Counter(
-            "vllm:request_success", "Finished requests", ["model_name", "finished_reason"], registry=r
-        )
-        self.model_name = model_name
-
-    def success(self, reason: str):
-        return self._success.labels(self.model_name, reason)
+    def set(self, value: float) -> None:
+        for s in self.series:
+            s.set(value)
 
 
 class Metrics:
     def __init__(self, prefix: str = "longserve", model_name: str = "longserve") -> None:
         self.registry = CollectorRegistry()
         r, p = self.registry, prefix
-        self.vllm = VLLMSeries(r, model_name)
-        self.ttft = Histogram(
-            f"{p}_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+
+        def both(kind, name: str, doc: str, vllm_name: str | None = None, **kw) -> Both:
+            ours = kind(f"{p}_{name}", doc, registry=r, **kw)
+            theirs = kind(f"vllm:{vllm_name or name}", doc, ["model_name"], registry=r, **kw)
+            return Both(ours, theirs.labels(model_name))
+
+        def hist(name: str, doc: str, buckets=_LATENCY_BUCKETS) -> Both:
+            return both(Histogram, name, doc, buckets=buckets)
+
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first generated token")
+        self.itl = hist(
+            "inter_token_latency_seconds", "Time between consecutive tokens of a request", _ITL_BUCKETS
         )
-        self.itl = Histogram(
-            f"{p}_inter_token_latency_seconds",
-            "Time between consecutive tokens of a request",
-            buckets=_ITL_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            f"{p}_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token")
+        self.queue_time = hist("request_queue_time_seconds", "Arrival to taking a KV slot")
+        self.prefill_time = hist("request_prefill_time_seconds", "Taking a KV slot to the first token")
+        self.decode_time = hist("request_decode_time_seconds", "First to last token")
+        self.prompt_tokens_hist = hist("request_prompt_tokens", "Prompt tokens per request", _TOKEN_BUCKETS)
+        self.generation_tokens_hist = hist(
+            "request_generation_tokens", "Tokens generated per finished request", _TOKEN_BUCKETS
         )
         self.compression = Histogram(
             f"{p}_kv_compression_ratio",
@@ -89,41 +77,25 @@ class Metrics:
             buckets=_RATIO_BUCKETS,
             registry=r,
         )
-        self.queue_time = Histogram(
-            f"{p}_request_queue_time_seconds",
-            "Arrival to taking a KV slot",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.running = both(
+            Gauge, "num_requests_running", "num_requests_running", "Requests holding a KV slot"
         )
-        self.prefill_time = Histogram(
-            f"{p}_request_prefill_time_seconds",
-            "Taking a KV slot to the first token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.waiting = both(
+            Gauge, "num_requests_waiting", "num_requests_waiting", "Requests waiting for a slot"
         )
-        self.decode_time = Histogram(
-            f"{p}_request_decode_time_seconds", "First to last token", buckets=_LATENCY_BUCKETS, registry=r
-        )
-        self.prompt_tokens_hist = Histogram(
-            f"{p}_request_prompt_tokens", "Prompt tokens per request", buckets=_TOKEN_BUCKETS, registry=r
-        )
-        self.generation_tokens_hist = Histogram(
-            f"{p}_request_generation_tokens",
-            "Generated tokens per finished request",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.running = Gauge(f"{p}_num_requests_running", "Requests holding a KV slot", registry=r)
-        self.waiting = Gauge(f"{p}_num_requests_waiting", "Requests waiting for a KV slot", registry=r)
-        self.kv_usage = Gauge(f"{p}_kv_cache_usage", "Fraction of KV slots in use", registry=r)
+        self.kv_usage = both(Gauge, "kv_cache_usage", "kv_cache_usage_perc", "Fraction of KV slots in use")
         self.kv_bytes = Gauge(f"{p}_kv_cache_bytes_in_use", "K/V bytes held by running sequences", registry=r)
         self.kv_slots = Gauge(f"{p}_kv_cache_slots", "KV slots in the pool", registry=r)
         self.kv_pool_bytes = Gauge(f"{p}_kv_cache_pool_bytes", "Bytes the KV pool occupies", registry=r)
-        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.generation_tokens = Counter(f"{p}_generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = both(Counter, "prompt_tokens", "Prompt tokens prefilled")
+        self.generation_tokens = both(Counter, "generation_tokens", "Tokens generated")
         self.requests = Counter(
             f"{p}_requests", "Finished requests by finish reason", ["finish_reason"], registry=r
         )
+        self.vllm_success = Counter(
+            "vllm:request_success", "Finished requests", ["model_name", "finished_reason"], registry=r
+        )
+        self.model_name = model_name
         # speculative decoding (server started with --draft)
         self.spec_draft_tokens = Counter(
             f"{p}_spec_draft_tokens", "Draft tokens proposed for verification", registry=r
@@ -161,49 +133,38 @@ class Metrics:
             registry=r,
         )
 
-    # ---- recording: every event feeds longserve's series and vLLM's ----------------------------
+    # ---- recording ------------------------------------------------------------------------------
     def admitted(self, queue_s: float) -> None:
         self.queue_time.observe(queue_s)
-        self.vllm.queue.observe(queue_s)
 
     def first_token(self, ttft_s: float, prefill_s: float | None, prompt_tokens: int) -> None:
-        for ttft, prompt in ((self.ttft, self.prompt_tokens), (self.vllm.ttft, self.vllm.prompt_tokens)):
-            ttft.observe(ttft_s)
-            prompt.inc(prompt_tokens)
+        self.ttft.observe(ttft_s)
+        self.prompt_tokens.inc(prompt_tokens)
         if prefill_s is not None:
             self.prefill_time.observe(prefill_s)
-            self.vllm.prefill.observe(prefill_s)
 
     def token(self, itl_s: float | None) -> None:
         self.generation_tokens.inc()
-        self.vllm.generation_tokens.inc()
         if itl_s is not None:
             self.itl.observe(itl_s)
-            self.vllm.itl.observe(itl_s)
 
     def finished(self, e2e_s: float, decode_s: float, stats: dict) -> None:
-        pairs = (
-            (self.e2e, self.vllm.e2e, e2e_s),
-            (self.decode_time, self.vllm.decode, decode_s),
-            (self.prompt_tokens_hist, self.vllm.prompt_hist, stats["prompt_tokens"]),
-            (self.generation_tokens_hist, self.vllm.generation_hist, stats["completion_tokens"]),
-        )
-        for ours, theirs, value in pairs:
-            ours.observe(value)
-            theirs.observe(value)
+        self.e2e.observe(e2e_s)
+        self.decode_time.observe(decode_s)
+        self.prompt_tokens_hist.observe(stats["prompt_tokens"])
+        self.generation_tokens_hist.observe(stats["completion_tokens"])
         self.compression.observe(stats["compression_ratio"])
         self.ended(stats["finish_reason"] or "unknown")
 
     def ended(self, reason: str) -> None:
         """A request left the server: finished (stop/length), aborted or failed."""
         self.requests.labels(reason).inc()
-        self.vllm.success(reason).inc()
+        self.vllm_success.labels(self.model_name, reason).inc()
 
     def load(self, running: int, waiting: int, kv_usage: float) -> None:
-        for series in (self, self.vllm):
-            series.running.set(running)
-            series.waiting.set(waiting)
-            series.kv_usage.set(kv_usage)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
