@@ -5,7 +5,9 @@ import pytest
 from longserve.errors import InvalidParameterError
 from longserve.eval.metrics import string_match_all
 from longserve.eval.sample import fit_length
-from longserve.eval.synthetic import TASKS, make_suite, word_counts
+from longserve.eval.suite import make_suite
+from longserve.eval.synthetic import word_counts
+from longserve.eval.tasks import TASKS
 
 SYNTHETIC = [t for t in TASKS if t != "code_debug"]
 NIAH = [

@@ -16,8 +16,7 @@ import string
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from importlib import resources
 from itertools import islice
 
@@ -382,67 +381,6 @@ def fwe(
     if any(top[i] <= top[i + 1] for i in range(num_answers)):
         raise InvalidParameterError(f"fwe needs a longer target than {target_tokens} tokens to avoid ties")
     return sample
-
-
-# --------------------------------------------------------------------------- registry and suites
-
-
-def _code_debug(*args, **kwargs) -> Sample:
-    from longserve.eval.code_debug import code_debug  # lazy: scans the stdlib only when asked for
-
-    return code_debug(*args, **kwargs)
-
-
-TASKS: dict[str, Generator] = {
-    "niah_single": niah_single,
-    "niah_single_1": partial(niah_single, value_type="number"),
-    "niah_single_2": partial(niah_single, value_type="word"),
-    "niah_single_3": partial(niah_single, value_type="uuid"),
-    "niah_multikey": niah_multikey,
-    "niah_multivalue": niah_multivalue,
-    "niah_multiquery": niah_multiquery,
-    "vt": vt,
-    "cwe": cwe,
-    "fwe": fwe,
-    "passkey": passkey,
-    "code_debug": _code_debug,
-}
-#: Tasks whose single needle is placed at evenly spaced depths across a suite's samples.
-DEPTH_SWEPT = {"niah_single", "niah_single_1", "niah_single_2", "niah_single_3", "passkey"}
-
-
-def make_suite(
-    tasks: Sequence[str],
-    n_samples: int,
-    target_tokens: int | Sequence[int],
-    count_tokens: CountTokens,
-    seed: int = 0,
-    *,
-    max_context: int | None = None,
-    task_params: dict[str, dict] | None = None,
-) -> list[Sample]:
-    """Generate `n_samples` per task and length. Each sample has its own seed, so adding a task or a length
-    never changes the other samples. Single-needle tasks sweep depth evenly from 0 to 1."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise InvalidParameterError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    lengths = [target_tokens] if isinstance(target_tokens, int) else list(target_tokens)
-    for length in lengths:
-        if max_context is not None and length > max_context:
-            raise InvalidParameterError(
-                f"target length {length} exceeds the model's context window of {max_context} tokens"
-            )
-    samples = []
-    for length in lengths:
-        for task in tasks:
-            for i in range(n_samples):
-                rng = random.Random(f"{seed}:{task}:{length}:{i}")
-                params = dict((task_params or {}).get(task, {}))
-                if task in DEPTH_SWEPT and "depth" not in params:
-                    params["depth"] = i / (n_samples - 1) if n_samples > 1 else 0.5
-                sample = TASKS[task](rng, length, count_tokens, **params)
-                samples.append(replace(sample, id=f"{task}/{length}/{i}", task=task))
-    return samples
 
 
 def word_counts(numbered_list: str) -> Counter[str]:
