@@ -11,18 +11,10 @@ from functools import partial
 
 from longserve.errors import InvalidParameterError
 from longserve.eval.code_debug import code_debug
+from longserve.eval.niah import niah_multikey, niah_multiquery, niah_multivalue, niah_single
 from longserve.eval.sample import Sample
 from longserve.eval.specs import split_list
-from longserve.eval.synthetic import (
-    cwe,
-    fwe,
-    niah_multikey,
-    niah_multiquery,
-    niah_multivalue,
-    niah_single,
-    passkey,
-    vt,
-)
+from longserve.eval.synthetic import cwe, fwe, passkey, vt
 
 Generator = Callable[..., Sample]
 
