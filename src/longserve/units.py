@@ -20,5 +20,8 @@ def parse_count(text: str) -> int:
         scale = SUFFIXES.get(text[-1].lower())
         if scale is None:
             raise ValueError(f"unknown size suffix in {text!r}")
-        return int(float(text[:-1]) * scale)
+        try:
+            return int(float(text[:-1]) * scale)
+        except OverflowError:  # "infk"
+            raise ValueError(f"{text!r} is not a finite count") from None
     return int(text)
