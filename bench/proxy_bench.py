@@ -26,12 +26,12 @@ import torch
 from common import command, write_result
 
 from longserve.eval.runner import score_sample
-from longserve.eval.synthetic import make_suite
+from longserve.eval.suite import make_suite
 from longserve.llm import LLM
 from longserve.proxy.app import HEADER, ProxyConfig, create_proxy_app
-from longserve.proxy.background import ThreadServer
 from longserve.proxy.cli import load_tokenizer
 from longserve.proxy.llamacpp import LlamaCppServer, gguf_path
+from longserve.server.background import BackgroundServer
 from longserve.specprefill import SpecPrefillConfig, SpeculativePrefill
 
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     with LlamaCppServer(gguf, n_ctx=n_ctx, threads=args.llama_threads, startup_timeout_s=120) as llama:
         config = ProxyConfig(llama.url, keep=args.keep, min_tokens=256)
-        with ThreadServer(create_proxy_app(config, sp, target_tokenizer=tok)) as proxy_url:
+        with BackgroundServer(create_proxy_app(config, sp, target_tokenizer=tok)) as server:
+            proxy_url = server.url
             stream_ttft(llama.url, "Warm-up.", 2)
             stream_ttft(proxy_url + "/v1", "Warm-up.", 2)
             for i, sample in enumerate(samples):

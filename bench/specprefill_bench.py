@@ -26,7 +26,7 @@ import torch
 from common import command, machine, write_result
 
 from longserve.eval.runner import score_sample
-from longserve.eval.synthetic import make_suite
+from longserve.eval.suite import make_suite
 from longserve.llm import LLM
 from longserve.specprefill import Importance, SpecPrefillConfig, SpeculativePrefill, same_tokenizer
 

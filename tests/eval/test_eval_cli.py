@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longserve.errors import ContextLengthError, InvalidParameterError
-from longserve.eval import cli
+from longserve.eval import cli, specs
 from longserve.eval.cli import (
     RULER,
     PolicySpec,
@@ -55,7 +55,7 @@ class FakeSpec:
 
 @pytest.fixture
 def fake_specs(monkeypatch, fake_target):
-    monkeypatch.setattr(cli, "SPEC_PARSERS", [])
+    monkeypatch.setattr(specs, "SPEC_PARSERS", [])
     register_spec_parser(lambda s: FakeSpec(s, fake_target) if s.startswith("fake") else None)
 
 

@@ -5,8 +5,9 @@ import random
 
 import pytest
 
-from longserve.eval.code_debug import LETTERS, _Offsets, find_mutations, make_code_debug, stdlib_root
+from longserve.eval.code_debug import LETTERS, _Offsets, find_mutations, stdlib_root
 from longserve.eval.metrics import choice_score
+from longserve.eval.suite import make_code_debug
 
 
 @pytest.fixture(scope="module")

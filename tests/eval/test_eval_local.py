@@ -10,7 +10,7 @@ import torch
 
 from longserve.errors import InvalidParameterError
 from longserve.eval.local import LocalTarget, policy_label
-from longserve.eval.synthetic import make_suite
+from longserve.eval.suite import make_suite
 from longserve.eval.target import EvalRequest, Target
 from longserve.llm import LLM
 

@@ -6,7 +6,7 @@ import pytest
 from longserve.errors import InvalidParameterError
 from longserve.eval.report import load_predictions, parse_label
 from longserve.eval.runner import report_from_predictions, run_eval
-from longserve.eval.synthetic import make_suite
+from longserve.eval.suite import make_suite
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ import pytest
 from longserve.errors import InvalidParameterError
 from longserve.eval.metrics import string_match_all
 from longserve.eval.sample import fit_length
-from longserve.eval.synthetic import TASKS, make_suite, word_counts
+from longserve.eval.suite import make_suite
+from longserve.eval.synthetic import word_counts
+from longserve.eval.tasks import TASKS
 
 SYNTHETIC = [t for t in TASKS if t != "code_debug"]
 NIAH = [
@@ -137,3 +139,22 @@ def test_fits_with_a_locally_trained_bpe_tokenizer():
 
     for s in make_suite(["niah_single_3", "vt", "cwe", "fwe", "passkey"], 1, 3000, count, seed=2):
         assert 3000 - 150 <= s.actual_tokens == count(s.prompt) <= 3000, s.task
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_multi_needle_tasks_honour_depth(count_tokens, task, depth):
+    """`depth` places the asked needles at that fraction of the haystack (it used to be ignored)."""
+    (s,) = make_suite([task], 1, 3000, count_tokens, seed=2, task_params={task: {"depth": depth}})
+    asked = set(s.metadata["asked"])
+    per_key = len(s.answers) // len(asked)  # needles are listed key by key, values of a key together
+    keys = [k for k in s.metadata["keys"] for _ in range(per_key)]
+    assert s.depth == depth
+    assert [d for k, d in zip(keys, s.metadata["needle_depths"], strict=True) if k in asked] == [depth] * len(
+        s.answers
+    )
+    haystack = s.context[s.context.index("\n") + 1 :]
+    for value in s.answers:
+        assert abs(haystack.index(value) / len(haystack) - depth) < 0.05, (value, depth)
+    again = make_suite([task], 1, 3000, count_tokens, seed=2)[0]
+    assert again.depth is None  # without `depth` the needles stay at random depths

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from longserve.proxy.app import ProxyConfig, create_proxy_app
-from longserve.proxy.background import ThreadServer
+from longserve.server.background import BackgroundServer
 from longserve.specprefill import SpecPrefillConfig, SpeculativePrefill
 from tests.specprefill.helpers import fast_tokenizer, tiny_llm
 
@@ -99,7 +99,8 @@ def draft():
 @pytest.fixture(scope="session")
 def upstream():
     app = fake_upstream()
-    with ThreadServer(app) as url:
+    with BackgroundServer(app) as server:
+        url = server.url
         yield app, url + "/v1"
 
 
@@ -111,6 +112,7 @@ def proxy(upstream, draft):
     torch.set_num_threads(1)
     sp = SpeculativePrefill(draft, SpecPrefillConfig(keep=0.3, keep_tail=16, tolerance=0.2))
     config = ProxyConfig(url, keep=0.3, min_tokens=40)
-    with ThreadServer(create_proxy_app(config, sp)) as proxy_url:
+    with BackgroundServer(create_proxy_app(config, sp)) as server:
+        proxy_url = server.url
         yield proxy_url, app
     torch.set_num_threads(before)

@@ -4,14 +4,15 @@ long messages, reporting sizes, passing errors through; and to llama.cpp's real 
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import openai
 import pytest
 
 from longserve.proxy.app import HEADER, ProxyConfig, create_proxy_app
-from longserve.proxy.background import ThreadServer, free_port
 from longserve.proxy.llamacpp import LlamaCppError, LlamaCppServer, gguf_path, missing_reason
+from longserve.server.background import BackgroundServer
 from longserve.specprefill import SpeculativePrefill
 from tests.specprefill.helpers import text
 
@@ -141,9 +142,17 @@ def test_upstream_errors_pass_through(proxy):
     assert info.value.status_code == 418
 
 
+def free_port() -> int:
+    """A port nothing listens on (racy in general, fine for an upstream that must be unreachable)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_unreachable_upstream_is_502_and_api_key(draft):
     config = ProxyConfig(f"http://127.0.0.1:{free_port()}", api_key="sekret")
-    with ThreadServer(create_proxy_app(config, SpeculativePrefill(draft))) as url:
+    with BackgroundServer(create_proxy_app(config, SpeculativePrefill(draft))) as server:
+        url = server.url
         r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 401
         r = httpx.post(
@@ -179,7 +188,8 @@ def test_round_trip_to_llama_cpp_server(draft):
         )
         config = ProxyConfig(server.url, keep=0.3, min_tokens=40)
         sp = SpeculativePrefill(draft, keep=0.3, keep_tail=16, tolerance=0.2)
-        with ThreadServer(create_proxy_app(config, sp)) as url:
+        with BackgroundServer(create_proxy_app(config, sp)) as server:
+            url = server.url
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
             messages = [{"role": "user", "content": content}]
             out = client.chat.completions.create(model="x", messages=messages, max_tokens=2, temperature=0)

@@ -88,3 +88,26 @@ def test_cmd_serve_builds_the_app_with_env_api_key(monkeypatch, loaded):
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
     assert state.default_policy.name == "snapstream" and state.plan.n_slots == 4
     assert any(m.kwargs.get("api_key") == "from-env" for m in seen["app"].user_middleware)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4k", KVMemory(4096, "bytes")),
+        ("64ktok", KVMemory(65536, "tokens")),
+        ("1.5ktokens", KVMemory(1536, "tokens")),
+        ("4kb", KVMemory(4000, "bytes")),
+    ],
+)
+def test_k_means_1024_as_in_the_eval_cli(text, expected):
+    """A bare `k` is 1024, as in `longserve eval --lengths 4k` (it was 1000 here); `kb` stays SI."""
+    assert parse_kv_memory(text) == expected
+
+
+def test_one_count_parser():
+    from longserve.eval.suite import parse_lengths
+    from longserve.units import parse_count
+
+    assert parse_count("4k") == parse_lengths("4k")[0] == 4096 and parse_count("2m") == 2 * 1024**2
+    with pytest.raises(ValueError):
+        parse_count("1k2")

@@ -12,8 +12,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
 from longserve import zoo
 from longserve.errors import InvalidParameterError
 from longserve.model import CausalLM
@@ -64,9 +62,4 @@ def export_model(
         save_file(state, str(out / zoo.WEIGHTS), metadata={"format": "pt"})
 
     info = {"kind": "distilled", **(source or {})}
-    return zoo._build(name, info, make, force=force)
-
-
-def weights_equal(a: CausalLM, b: CausalLM) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return zoo.build(name, info, make, force=force)

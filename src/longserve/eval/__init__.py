@@ -4,7 +4,6 @@ Targets implement the small `Target` protocol (`count_tokens`, `answer`), so the
 local engine and any OpenAI-compatible endpoint.
 """
 
-from longserve.eval.code_debug import make_code_debug
 from longserve.eval.longbench import (
     DatasetFormatError,
     LoadResult,
@@ -17,7 +16,7 @@ from longserve.eval.metrics import DATASET2METRIC, METRICS, score
 from longserve.eval.report import load_predictions, parse_label, report_from_predictions
 from longserve.eval.runner import run_eval, score_sample
 from longserve.eval.sample import Sample, fit_length
-from longserve.eval.synthetic import TASKS, make_suite
+from longserve.eval.suite import make_code_debug, make_suite
 from longserve.eval.target import (
     EndpointError,
     EvalRequest,
@@ -26,6 +25,7 @@ from longserve.eval.target import (
     Target,
     estimate_tokens,
 )
+from longserve.eval.tasks import TASKS
 
 __all__ = [
     "DATASET2METRIC",

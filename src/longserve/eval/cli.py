@@ -6,282 +6,70 @@
     longserve eval-report runs/smoke
 
 What is evaluated is a list of *target specs* (`--policy`, repeatable): `NAME[@BUDGET][:KEY=VALUE...]`
-with BUDGET in tokens (`256`, `2k`) or, below 1, a fraction of the prompt (`0.25`). Spec parsers are
-pluggable (`register_spec_parser`), so other kinds of targets (e.g. speculative prefill) can join the same
-command without touching it: a parser returns an object with a `label` and `build(llm) -> Target`.
+with BUDGET in tokens (`256`, `2k` = 2048) or, below 1, a fraction of the prompt (`0.25`). Spec parsers are
+pluggable (`register_spec_parser`, see `longserve.eval.specs`), so other kinds of targets (e.g. speculative
+prefill) can join the same command without touching it: a parser returns an object with a `label` and
+`build(llm) -> Target`.
+
+This module is the command itself; specs live in `specs`, samples in `suite`/`tasks`, runs in `runner`
+(their public names are re-exported here for existing callers).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from longserve.errors import ContextLengthError, InvalidParameterError, LongserveError
-from longserve.eval.sample import Sample
+from longserve.errors import InvalidParameterError, LongserveError
+from longserve.eval.runner import RUN_CONFIG, print_summary, record_run, report_from_predictions, run_eval
+from longserve.eval.specs import (
+    SPEC_PARSERS,
+    PolicySpec,
+    SpecParser,
+    TargetSpec,
+    build_targets,
+    parse_policy_spec,
+    parse_spec,
+    parse_value,
+    register_spec_parser,
+    target_specs,
+)
+from longserve.eval.suite import build_samples, check_fits, parse_lengths
 from longserve.eval.target import SETTINGS, Target
+from longserve.eval.tasks import RULER, parse_tasks
+
+__all__ = [
+    "RULER",
+    "RUN_CONFIG",
+    "SPEC_PARSERS",
+    "PolicySpec",
+    "SpecParser",
+    "TargetSpec",
+    "build_samples",
+    "build_targets",
+    "check_fits",
+    "cmd_eval",
+    "cmd_eval_report",
+    "main",
+    "parse_lengths",
+    "parse_policy_spec",
+    "parse_spec",
+    "parse_tasks",
+    "parse_value",
+    "print_summary",
+    "record_run",
+    "register",
+    "register_spec_parser",
+    "target_specs",
+]
 
 DEFAULT_LENGTHS = "1024,2048"
-RUN_CONFIG = "run_config.json"
-#: RULER's synthetic categories as implemented here (its qa_1/qa_2 need SQuAD/HotpotQA: use --longbench).
-RULER = (
-    "niah_single_1",
-    "niah_single_2",
-    "niah_single_3",
-    "niah_multikey",
-    "niah_multivalue",
-    "niah_multiquery",
-    "vt",
-    "cwe",
-    "fwe",
-)
 #: Room left for the chat template when a prompt's length is checked against the context window and no
 #: exact count is available (endpoints).
 TEMPLATE_MARGIN = 64
-
-
-# --------------------------------------------------------------------------- target specs
-
-
-class TargetSpec(Protocol):
-    """One thing to evaluate: `label` names it in the reports, `build` makes the target for a model."""
-
-    label: str
-
-    def build(self, llm: Any) -> Target: ...
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """The local engine under one KV policy: `snapkv@256`, `streaming@1k:window=64`, `snapkv@0.25`."""
-
-    kv_policy: str = "full"
-    kv_budget: int | None = None
-    kv_ratio: float | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.label:
-            from longserve.eval.local import policy_label
-
-            label = policy_label(self.kv_policy, self.kv_budget, self.kv_ratio)
-            extra = "".join(f":{k}={v}" for k, v in sorted(self.kwargs.items()))
-            object.__setattr__(self, "label", label + extra)
-
-    def build(self, llm: Any) -> Target:
-        from longserve.eval.local import LocalTarget
-
-        return LocalTarget(llm, self.kv_policy, self.kv_budget, self.kv_ratio, name=self.label, **self.kwargs)
-
-
-SpecParser = Callable[[str], "TargetSpec | None"]
-#: Extra spec parsers, tried in order before the KV-policy one; each returns None for specs it does not own.
-SPEC_PARSERS: list[SpecParser] = []
-
-
-def register_spec_parser(parser: SpecParser) -> SpecParser:
-    """Let `--policy` accept another kind of target (usable as a decorator)."""
-    if parser not in SPEC_PARSERS:
-        SPEC_PARSERS.append(parser)
-    return parser
-
-
-def parse_value(text: str) -> Any:
-    """ "true"/"false" -> bool, numbers -> int/float, anything else stays text (KEY=VALUE options)."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _budget(text: str, spec: str) -> tuple[int | None, float | None]:
-    """ "256" -> (256, None); "2k" -> (2048, None); "0.25" -> (None, 0.25)."""
-    try:
-        if text.lower().endswith("k"):
-            return int(float(text[:-1]) * 1024), None
-        number = float(text)
-    except ValueError:
-        raise InvalidParameterError(
-            f"bad budget in {spec!r}: use tokens (256, 2k) or a fraction of the prompt (0.25)"
-        ) from None
-    if 0 < number < 1:
-        return None, number
-    if number < 1 or not number.is_integer():
-        raise InvalidParameterError(f"bad budget in {spec!r}: a token budget is a positive integer")
-    return int(number), None
-
-
-def parse_policy_spec(spec: str) -> PolicySpec:
-    from longserve.kv.policies import REGISTRY
-
-    head, *options = spec.strip().split(":")
-    name, _, budget_text = head.partition("@")
-    if name not in REGISTRY:
-        raise InvalidParameterError(f"unknown kv policy {name!r} in {spec!r}; known: {', '.join(REGISTRY)}")
-    budget, ratio = _budget(budget_text, spec) if budget_text else (None, None)
-    kwargs = {}
-    for option in options:
-        key, eq, value = option.partition("=")
-        if not eq or not key:
-            raise InvalidParameterError(f"bad option {option!r} in {spec!r}: use KEY=VALUE, e.g. window=64")
-        kwargs[key] = parse_value(value)
-    return PolicySpec(name, budget, ratio, kwargs)
-
-
-def parse_spec(spec: str) -> TargetSpec:
-    for parser in SPEC_PARSERS:
-        parsed = parser(spec)
-        if parsed is not None:
-            return parsed
-    return parse_policy_spec(spec)
-
-
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def target_specs(
-    policy: Sequence[str] = (), policies: str | None = None, budgets: str | None = None
-) -> list[TargetSpec]:
-    """`--policy` specs, then the `--policies x --budgets` cross product ("full" once, without a budget);
-    ["full"] when nothing is given. Labels must be unique."""
-    texts = list(policy)
-    names, sizes = _split(policies), _split(budgets)
-    if sizes and not names:
-        raise InvalidParameterError(
-            "--budgets needs --policies (e.g. --policies snapkv,sage --budgets 128,256)"
-        )
-    for name in names:
-        texts += [name] if name == "full" or not sizes else [f"{name}@{b}" for b in sizes]
-    specs = [parse_spec(t) for t in texts or ["full"]]
-    labels = [s.label for s in specs]
-    dupes = sorted({x for x in labels if labels.count(x) > 1})
-    if dupes:
-        raise InvalidParameterError(f"each target must be given once; repeated: {', '.join(dupes)}")
-    return specs
-
-
-def build_targets(specs: Sequence[TargetSpec], llm: Any) -> dict[str, Target]:
-    return {spec.label: spec.build(llm) for spec in specs}
-
-
-# --------------------------------------------------------------------------- samples
-
-
-def parse_tasks(text: str) -> list[str]:
-    """Comma list of task names; `ruler` expands to the RULER set and `all` to every synthetic task."""
-    from longserve.eval.synthetic import TASKS
-
-    tasks: list[str] = []
-    for name in _split(text):
-        expanded = RULER if name == "ruler" else tuple(TASKS) if name == "all" else (name,)
-        tasks += [t for t in expanded if t not in tasks]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise InvalidParameterError(
-            f"unknown task(s) {', '.join(unknown)}; known: ruler, all, {', '.join(TASKS)}"
-        )
-    return tasks
-
-
-def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(float(x[:-1]) * 1024) if x.lower().endswith("k") else int(x) for x in _split(text)]
-    except ValueError:
-        raise InvalidParameterError(
-            f"--lengths takes token counts like 1024,2048 or 4k, not {text!r}"
-        ) from None
-    if not lengths or min(lengths) <= 0:
-        raise InvalidParameterError("--lengths needs at least one positive length")
-    return lengths
-
-
-def check_fits(
-    samples: Sequence[Sample], count_tokens: Callable[[str], int], window: int, overhead: int
-) -> None:
-    """Every prompt plus its template `overhead` and answer must fit the context window; fail before any
-    model call rather than in the middle of a run."""
-    for s in samples:
-        tokens = s.actual_tokens if s.actual_tokens is not None else count_tokens(s.prompt)
-        if tokens + overhead + s.max_new_tokens > window:
-            raise ContextLengthError(
-                f"sample {s.id} needs {tokens} prompt + {overhead} template + {s.max_new_tokens} answer tokens, "
-                f"more than the model's context window of {window}; use shorter --lengths "
-                "(or a lower --max-new-tokens)"
-            )
-
-
-def build_samples(
-    args: argparse.Namespace, count_tokens: Callable[[str], int], window: int | None, overhead: int = 0
-) -> list[Sample]:
-    """Synthetic tasks, LongBench files and a custom dataset, as selected by the command line."""
-    from longserve.eval.longbench import MAX_NEW_TOKENS, load_custom, load_longbench, load_templates
-    from longserve.eval.synthetic import make_suite
-
-    samples: list[Sample] = []
-    tasks = parse_tasks(args.tasks) if args.tasks else ([] if args.longbench or args.custom else list(RULER))
-    if tasks:
-        samples += make_suite(
-            tasks, args.samples, parse_lengths(args.lengths), count_tokens, args.seed, max_context=window
-        )
-    for path in args.longbench or []:
-        room = args.longbench_max_tokens or (
-            window - overhead - (args.max_new_tokens or max(MAX_NEW_TOKENS.values())) if window else None
-        )
-        loaded = load_longbench(
-            path, on_error=args.on_error, limit=args.limit, count_tokens=count_tokens, max_context_tokens=room
-        )
-        _report_skipped(path, loaded.skipped)
-        samples += loaded.samples
-    if args.custom:
-        if not args.templates:
-            raise InvalidParameterError(
-                "--custom needs --templates T.json (and --template-task if it has several)"
-            )
-        templates = load_templates(args.templates)
-        task = args.template_task or (next(iter(templates)) if len(templates) == 1 else None)
-        if task not in templates:
-            raise InvalidParameterError(
-                f"--template-task must name one of the templates in {args.templates}: {', '.join(templates)}"
-            )
-        loaded = load_custom(
-            args.custom,
-            templates[task],
-            task=task,
-            on_error=args.on_error,
-            limit=args.limit,
-            count_tokens=count_tokens,
-        )
-        _report_skipped(args.custom, loaded.skipped)
-        samples += loaded.samples
-    if not samples:
-        raise InvalidParameterError("no samples to evaluate: check --tasks, --longbench and --custom")
-    if args.max_new_tokens:
-        samples = [replace(s, max_new_tokens=args.max_new_tokens) for s in samples]
-    if args.answer_cap:
-        samples = [replace(s, max_new_tokens=min(s.max_new_tokens, args.answer_cap)) for s in samples]
-    if window:
-        check_fits(samples, count_tokens, window, overhead)
-    return samples
-
-
-def _report_skipped(path: str, skipped: list[str]) -> None:
-    if skipped:
-        print(f"{path}: skipped {len(skipped)} bad line(s), e.g. {skipped[0]}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- models and endpoints
 
 
 def load_llm(args: argparse.Namespace) -> Any:
@@ -338,12 +126,12 @@ def _hf_tokenizer(name_or_path: str) -> Any:
 
 
 def settings_of(text: str) -> list[str]:
+    """`--setting`: one setting, or both for "both"."""
     return list(SETTINGS) if text == "both" else [text]
 
 
 def cmd_eval(args: argparse.Namespace, llm: Any = None) -> int:
     """Run an evaluation; `llm` overrides `--model` (an already loaded `LLM`, e.g. a tiny test model)."""
-    from longserve.eval.runner import run_eval
 
     settings = settings_of(args.setting)
     if args.tasks:
@@ -389,80 +177,8 @@ def cmd_eval(args: argparse.Namespace, llm: Any = None) -> int:
     return 0
 
 
-def record_run(
-    out: Path,
-    args: argparse.Namespace,
-    model: str,
-    targets: list[str],
-    settings: list[str],
-    n_samples: int,
-    window: int | None,
-) -> None:
-    """Append this run to `out/run_config.json`, refusing to resume into predictions it would corrupt.
-
-    Resuming skips samples by id (`task/length/i`), but a sample's content also depends on the model, the
-    seed, `--samples` (single-needle depths are spread over them) and the answer length: a rerun that
-    changes any of them for a length already in `out` must use another `--out` or `--no-resume`.
-    """
-    path = out / RUN_CONFIG
-    old = json.loads(path.read_text("utf-8")) if path.exists() and not args.no_resume else {}
-    hint = "use another --out, or --no-resume to discard the earlier predictions"
-    if old.get("model", model) != model:
-        raise InvalidParameterError(f"{out} holds predictions of {old['model']}, not {model}; {hint}")
-    synthetic = dict(old.get("synthetic", {}))
-    if args.tasks or not (args.longbench or args.custom):
-        suite = {
-            "samples": args.samples,
-            "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens,
-            "answer_cap": args.answer_cap,
-        }
-        for length in map(str, parse_lengths(args.lengths)):
-            before = synthetic.setdefault(length, suite)
-            if before != suite:
-                changed = ", ".join(
-                    f"{k} {before.get(k)} -> {v}" for k, v in suite.items() if before.get(k) != v
-                )
-                raise InvalidParameterError(
-                    f"{out} has {length}-token samples made with other options ({changed}); {hint}"
-                )
-    run = {
-        "argv": getattr(args, "argv", None) or sys.argv[1:],
-        "targets": targets,
-        "settings": settings,
-        "n_samples": n_samples,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    config = {
-        "model": model,
-        "context_window": window,
-        "synthetic": synthetic,
-        "runs": [*old.get("runs", []), run],
-    }
-    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def print_summary(summary: dict[str, Any], out=None) -> None:
-    """Overall score per task (rows) and target (columns), one table per setting."""
-    out = out or sys.stdout
-    rows = [r for r in summary["rows"] if r["length"] == "all"]
-    for setting in summary["settings"]:
-        cells = {(r["task"], r["target"]): r["score"] for r in rows if r["setting"] == setting}
-        targets, tasks = summary["targets"], sorted({t for t, _ in cells})
-        width = max([len(t) for t in tasks] + [4])
-        print(f"[{setting}]", file=out)
-        print(f"{'task':{width}}  " + "  ".join(f"{t:>10}" for t in targets), file=out)
-        for task in tasks:
-            scores = [cells.get((task, t)) for t in targets]
-            print(
-                f"{task:{width}}  " + "  ".join(" " * 10 if s is None else f"{s:10.1f}" for s in scores),
-                file=out,
-            )
-
-
 def cmd_eval_report(args: argparse.Namespace) -> int:
     from longserve.eval.report import PREDICTIONS
-    from longserve.eval.runner import report_from_predictions
 
     path = Path(args.dir) / PREDICTIONS
     if not path.exists():

@@ -271,17 +271,3 @@ def code_debug(
             "_mutated_function": mutated_source,
         },
     )  # fmt: skip
-
-
-def make_code_debug(
-    n_samples: int,
-    target_tokens: int | list[int],
-    count_tokens: CountTokens,
-    seed: int = 0,
-    *,
-    max_context: int | None = None,
-) -> list[Sample]:
-    """Convenience wrapper: `make_suite(["code_debug"], ...)`."""
-    from longserve.eval.synthetic import make_suite
-
-    return make_suite(["code_debug"], n_samples, target_tokens, count_tokens, seed, max_context=max_context)

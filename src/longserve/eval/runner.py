@@ -6,7 +6,9 @@ finished; a rerun with `resume=True` only asks for the missing (sample, target, 
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,9 +26,12 @@ from longserve.eval.report import (
     report_from_predictions,
 )
 from longserve.eval.sample import Sample
+from longserve.eval.suite import parse_lengths
 from longserve.eval.target import SETTINGS, EvalRequest, EvalResult, Target
 
-__all__ = ["run_eval", "report_from_predictions", "score_sample"]
+__all__ = ["RUN_CONFIG", "print_summary", "record_run", "report_from_predictions", "run_eval", "score_sample"]
+
+RUN_CONFIG = "run_config.json"
 
 
 def score_sample(sample: Sample, prediction: str) -> float:
@@ -142,3 +147,74 @@ def run_eval(
                     f.flush()
                 bar.update(len(batch))
     return report_from_predictions(out, plots=plots)
+
+
+def record_run(
+    out: Path,
+    args: argparse.Namespace,
+    model: str,
+    targets: list[str],
+    settings: list[str],
+    n_samples: int,
+    window: int | None,
+) -> None:
+    """Append this run to `out/run_config.json`, refusing to resume into predictions it would corrupt.
+
+    Resuming skips samples by id (`task/length/i`), but a sample's content also depends on the model, the
+    seed, `--samples` (single-needle depths are spread over them) and the answer length: a rerun that
+    changes any of them for a length already in `out` must use another `--out` or `--no-resume`.
+    """
+    path = out / RUN_CONFIG
+    old = json.loads(path.read_text("utf-8")) if path.exists() and not args.no_resume else {}
+    hint = "use another --out, or --no-resume to discard the earlier predictions"
+    if old.get("model", model) != model:
+        raise InvalidParameterError(f"{out} holds predictions of {old['model']}, not {model}; {hint}")
+    synthetic = dict(old.get("synthetic", {}))
+    if args.tasks or not (args.longbench or args.custom):
+        suite = {
+            "samples": args.samples,
+            "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens,
+            "answer_cap": args.answer_cap,
+        }
+        for length in map(str, parse_lengths(args.lengths)):
+            before = synthetic.setdefault(length, suite)
+            if before != suite:
+                changed = ", ".join(
+                    f"{k} {before.get(k)} -> {v}" for k, v in suite.items() if before.get(k) != v
+                )
+                raise InvalidParameterError(
+                    f"{out} has {length}-token samples made with other options ({changed}); {hint}"
+                )
+    run = {
+        "argv": getattr(args, "argv", None) or sys.argv[1:],
+        "targets": targets,
+        "settings": settings,
+        "n_samples": n_samples,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    config = {
+        "model": model,
+        "context_window": window,
+        "synthetic": synthetic,
+        "runs": [*old.get("runs", []), run],
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def print_summary(summary: dict[str, Any], out: Any = None) -> None:
+    """Overall score per task (rows) and target (columns), one table per setting."""
+    out = out or sys.stdout
+    rows = [r for r in summary["rows"] if r["length"] == "all"]
+    for setting in summary["settings"]:
+        cells = {(r["task"], r["target"]): r["score"] for r in rows if r["setting"] == setting}
+        targets, tasks = summary["targets"], sorted({t for t, _ in cells})
+        width = max([len(t) for t in tasks] + [4])
+        print(f"[{setting}]", file=out)
+        print(f"{'task':{width}}  " + "  ".join(f"{t:>10}" for t in targets), file=out)
+        for task in tasks:
+            scores = [cells.get((task, t)) for t in targets]
+            print(
+                f"{task:{width}}  " + "  ".join(" " * 10 if s is None else f"{s:10.1f}" for s in scores),
+                file=out,
+            )

@@ -5,7 +5,7 @@ against length, depth and KV budget without any dataset download. Lengths are me
 model's own tokens (a `count_tokens` callable) and filled by `fit_length`.
 
 Differences from RULER (Hsieh et al., 2024): only the "noise" haystack is used (no essays), so the
-niah_single_1/2/3 variants differ in the value type (number / word / uuid) only; coded words for `fwe` get
+niah_single_1/2/3 variants (in `niah`) differ in the value type (number / word / uuid) only; coded words for `fwe` get
 exact Zipf counts instead of sampled ones so the top-3 is never tied.
 """
 
@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import random
 import string
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from importlib import resources
 from itertools import islice
 
@@ -37,7 +35,7 @@ def load_words() -> tuple[str, ...]:
     return tuple(w for w in (line.strip() for line in text.splitlines()) if w and not w.startswith("#"))
 
 
-def _word_pool(rng: random.Random, avoid: str) -> list[str]:
+def word_pool(rng: random.Random, avoid: str) -> list[str]:
     """Shuffled words that never occur inside `avoid` (templates, haystack), so answers stay unique."""
     avoid = avoid.lower()
     pool = [w for w in load_words() if w not in avoid]
@@ -45,7 +43,7 @@ def _word_pool(rng: random.Random, avoid: str) -> list[str]:
     return pool
 
 
-def _insert(units: Sequence[str], needles: Iterable[tuple[float, str]]) -> str:
+def insert_needles(units: Sequence[str], needles: Iterable[tuple[float, str]]) -> str:
     """Join filler units with needles inserted between units at relative depths (stable for ties)."""
     out = list(units)
     for offset, (depth, needle) in enumerate(sorted(needles, key=lambda item: item[0])):
@@ -53,11 +51,12 @@ def _insert(units: Sequence[str], needles: Iterable[tuple[float, str]]) -> str:
     return " ".join(out)
 
 
-def _haystack(n: int, needles: list[tuple[float, str]]) -> str:
-    return _insert([NOISE] * n, needles)
+def haystack(n: int, needles: list[tuple[float, str]]) -> str:
+    """`n` noise units with `needles` (depth, text) inserted at their depth fractions."""
+    return insert_needles([NOISE] * n, needles)
 
 
-def _fit(kind: str, target: int, count_tokens: CountTokens, build, **fields) -> Sample:
+def fit_sample(kind: str, target: int, count_tokens: CountTokens, build, **fields) -> Sample:
     """Fill `build` up to `target` tokens and wrap the result in a `Sample` (id is set by `make_suite`)."""
     n, (context, question), got = fit_length(build, count_tokens, target, max_units=MAX_UNITS)
     metadata = {"filler_units": n, **fields.pop("metadata", {})}
@@ -70,163 +69,6 @@ def _fit(kind: str, target: int, count_tokens: CountTokens, build, **fields) -> 
         actual_tokens=got,
         metadata=metadata,
         **fields,
-    )
-
-
-# --------------------------------------------------------------------------- needle in a haystack
-
-_TYPES = {"number": "numbers", "word": "words", "uuid": "uuids"}
-_NIAH_HEAD = (
-    "Some special magic {t} are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the {t} afterwards.\n"
-)
-_NEEDLE = "One of the special magic {t} for {key} is: {value}."
-_QUESTION = "\nWhat are all the special magic {t} for {keys} mentioned in the provided text?"
-
-
-class _Values:
-    """Draws unique keys and values that cannot collide with each other or the haystack."""
-
-    def __init__(self, rng: random.Random, value_type: str):
-        if value_type not in _TYPES:
-            raise InvalidParameterError(f"unknown value_type {value_type!r}; choose from {', '.join(_TYPES)}")
-        self.rng, self.value_type, self.seen = rng, value_type, set()
-        self.words = _word_pool(rng, NOISE + _NIAH_HEAD + _NEEDLE + _QUESTION)
-
-    def _unique(self, make: Callable[[], str]) -> str:
-        while (item := make()) in self.seen or any(item in s or s in item for s in self.seen):
-            pass
-        self.seen.add(item)
-        return item
-
-    def key(self) -> str:
-        return self._unique(lambda: f"{self.rng.choice(self.words)}-{self.rng.choice(self.words)}")
-
-    def value(self) -> str:
-        rng = self.rng
-        make = {
-            "number": lambda: str(rng.randint(1_000_000, 9_999_999)),
-            "word": lambda: rng.choice(self.words),
-            "uuid": lambda: str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        }[self.value_type]
-        return self._unique(make)
-
-
-def _niah(
-    kind: str,
-    rng: random.Random,
-    target_tokens: int,
-    count_tokens: CountTokens,
-    *,
-    depth: float | None,
-    value_type: str,
-    num_keys: int = 1,
-    num_values: int = 1,
-    num_queries: int = 1,
-) -> Sample:
-    """Shared NIAH body: `num_keys` keys (the first `num_queries` are asked), `num_values` values per key."""
-    vals = _Values(rng, value_type)
-    keys = [vals.key() for _ in range(num_keys)]
-    table = {k: [vals.value() for _ in range(num_values)] for k in keys}
-    t = _TYPES[value_type]
-    needles_text = [_NEEDLE.format(t=t, key=k, value=v) for k in keys for v in table[k]]
-    single = depth is not None and len(needles_text) == 1
-    depths = [depth] if single else [rng.random() for _ in needles_text]
-    needles = list(zip(depths, needles_text, strict=True))
-    asked = keys[:num_queries]
-    keys_text = ", ".join(asked[:-1]) + (" and " if len(asked) > 1 else "") + asked[-1]
-    question = _QUESTION.format(t=t, keys=keys_text)
-    head = _NIAH_HEAD.format(t=t)
-
-    def build(n: int) -> tuple[str, str]:
-        return head + _haystack(n, needles) + "\n", question
-
-    answers = [v for k in asked for v in table[k]]
-    return _fit(
-        kind,
-        target_tokens,
-        count_tokens,
-        build,
-        answers=answers,
-        max_new_tokens=128,
-        depth=depths[0] if len(needles) == 1 else None,
-        metadata={"keys": keys, "asked": asked, "needle_depths": depths, "value_type": value_type},
-    )
-
-
-def niah_single(
-    rng: random.Random,
-    target_tokens: int,
-    count_tokens: CountTokens,
-    *,
-    depth: float | None = None,
-    value_type: str = "number",
-) -> Sample:
-    """One needle, asked for directly."""
-    return _niah("niah_single", rng, target_tokens, count_tokens, depth=depth, value_type=value_type)
-
-
-def niah_multikey(
-    rng: random.Random,
-    target_tokens: int,
-    count_tokens: CountTokens,
-    *,
-    depth: float | None = None,
-    value_type: str = "number",
-    num_keys: int = 4,
-) -> Sample:
-    """One asked needle plus `num_keys - 1` distractor needles with other keys."""
-    return _niah(
-        "niah_multikey",
-        rng,
-        target_tokens,
-        count_tokens,
-        depth=None,
-        value_type=value_type,
-        num_keys=num_keys,
-    )
-
-
-def niah_multivalue(
-    rng: random.Random,
-    target_tokens: int,
-    count_tokens: CountTokens,
-    *,
-    depth: float | None = None,
-    value_type: str = "number",
-    num_values: int = 4,
-) -> Sample:
-    """One key with `num_values` values scattered around; all must be returned."""
-    return _niah(
-        "niah_multivalue",
-        rng,
-        target_tokens,
-        count_tokens,
-        depth=None,
-        value_type=value_type,
-        num_values=num_values,
-    )
-
-
-def niah_multiquery(
-    rng: random.Random,
-    target_tokens: int,
-    count_tokens: CountTokens,
-    *,
-    depth: float | None = None,
-    value_type: str = "number",
-    num_queries: int = 4,
-) -> Sample:
-    """`num_queries` needles with different keys, all asked in one question."""
-    return _niah(
-        "niah_multiquery",
-        rng,
-        target_tokens,
-        count_tokens,
-        depth=None,
-        value_type=value_type,
-        num_keys=num_queries,
-        num_queries=num_queries,
     )
 
 
@@ -248,9 +90,11 @@ def passkey(
     needle = f"The pass key is {key}. Remember it."
 
     def build(n: int) -> tuple[str, str]:
-        return head + _haystack(n, [(depth, needle)]) + "\n", "What is the pass key?"
+        return head + haystack(n, [(depth, needle)]) + "\n", "What is the pass key?"
 
-    return _fit("passkey", target_tokens, count_tokens, build, answers=[key], max_new_tokens=16, depth=depth)
+    return fit_sample(
+        "passkey", target_tokens, count_tokens, build, answers=[key], max_new_tokens=16, depth=depth
+    )
 
 
 # --------------------------------------------------------------------------- aggregation / tracing
@@ -291,9 +135,9 @@ def vt(
     question = f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above."
 
     def build(n: int) -> tuple[str, str]:
-        return head + _haystack(n, needles) + "\n", question
+        return head + haystack(n, needles) + "\n", question
 
-    return _fit(
+    return fit_sample(
         "vt",
         target_tokens,
         count_tokens,
@@ -322,7 +166,7 @@ def cwe(
     """
     if freq_cw is None:
         freq_cw = min(30, max(4, target_tokens // (num_cw * 16)))
-    pool = _word_pool(rng, "")
+    pool = word_pool(rng, "")
     # Answers must not hide inside other words ("art" in "start"), or substring scoring would over-credit.
     common = list(islice((w for w in pool if not any(w in v for v in pool if v != w)), num_cw))
     uncommon = [w for w in pool if w not in common]
@@ -340,7 +184,7 @@ def cwe(
         random.Random(shuffle_seed).shuffle(words)
         return head + " ".join(f"{i + 1}. {w}" for i, w in enumerate(words)) + "\n", question
 
-    return _fit("cwe", target_tokens, count_tokens, build, answers=list(common), max_new_tokens=120)
+    return fit_sample("cwe", target_tokens, count_tokens, build, answers=list(common), max_new_tokens=120)
 
 
 def fwe(
@@ -376,73 +220,14 @@ def fwe(
         random.Random(shuffle_seed).shuffle(words)
         return head + " ".join(words) + "\n", question
 
-    sample = _fit("fwe", target_tokens, count_tokens, build, answers=vocab[:num_answers], max_new_tokens=50)
+    sample = fit_sample(
+        "fwe", target_tokens, count_tokens, build, answers=vocab[:num_answers], max_new_tokens=50
+    )
     top = counts(sample.metadata["filler_units"])[: num_answers + 1]
     top += [0] * (num_answers + 1 - len(top))
     if any(top[i] <= top[i + 1] for i in range(num_answers)):
         raise InvalidParameterError(f"fwe needs a longer target than {target_tokens} tokens to avoid ties")
     return sample
-
-
-# --------------------------------------------------------------------------- registry and suites
-
-
-def _code_debug(*args, **kwargs) -> Sample:
-    from longserve.eval.code_debug import code_debug  # lazy: scans the stdlib only when asked for
-
-    return code_debug(*args, **kwargs)
-
-
-TASKS: dict[str, Generator] = {
-    "niah_single": niah_single,
-    "niah_single_1": partial(niah_single, value_type="number"),
-    "niah_single_2": partial(niah_single, value_type="word"),
-    "niah_single_3": partial(niah_single, value_type="uuid"),
-    "niah_multikey": niah_multikey,
-    "niah_multivalue": niah_multivalue,
-    "niah_multiquery": niah_multiquery,
-    "vt": vt,
-    "cwe": cwe,
-    "fwe": fwe,
-    "passkey": passkey,
-    "code_debug": _code_debug,
-}
-#: Tasks whose single needle is placed at evenly spaced depths across a suite's samples.
-DEPTH_SWEPT = {"niah_single", "niah_single_1", "niah_single_2", "niah_single_3", "passkey"}
-
-
-def make_suite(
-    tasks: Sequence[str],
-    n_samples: int,
-    target_tokens: int | Sequence[int],
-    count_tokens: CountTokens,
-    seed: int = 0,
-    *,
-    max_context: int | None = None,
-    task_params: dict[str, dict] | None = None,
-) -> list[Sample]:
-    """Generate `n_samples` per task and length. Each sample has its own seed, so adding a task or a length
-    never changes the other samples. Single-needle tasks sweep depth evenly from 0 to 1."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise InvalidParameterError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
-    lengths = [target_tokens] if isinstance(target_tokens, int) else list(target_tokens)
-    for length in lengths:
-        if max_context is not None and length > max_context:
-            raise InvalidParameterError(
-                f"target length {length} exceeds the model's context window of {max_context} tokens"
-            )
-    samples = []
-    for length in lengths:
-        for task in tasks:
-            for i in range(n_samples):
-                rng = random.Random(f"{seed}:{task}:{length}:{i}")
-                params = dict((task_params or {}).get(task, {}))
-                if task in DEPTH_SWEPT and "depth" not in params:
-                    params["depth"] = i / (n_samples - 1) if n_samples > 1 else 0.5
-                sample = TASKS[task](rng, length, count_tokens, **params)
-                samples.append(replace(sample, id=f"{task}/{length}/{i}", task=task))
-    return samples
 
 
 def word_counts(numbered_list: str) -> Counter[str]:

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -27,11 +25,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from longserve.errors import InvalidParameterError, LongserveError
+from longserve.proxy.relay import (
+    HEADER,
+    CompressionPlan,
+    add_usage,
+    relay_sse,
+    response_headers,
+    upstream_error,
+)
 from longserve.server.errors import APIError, APIKeyMiddleware, error_response
 from longserve.specprefill import prompt as P
-from longserve.specprefill.compress import CompressedPrompt, SpeculativePrefill
+from longserve.specprefill.compress import SpeculativePrefill
 
-HEADER = "x-longserve-prompt-tokens"
+__all__ = ["HEADER", "Proxy", "ProxyConfig", "ProxyError", "create_proxy_app"]
+
 _HOP = {
     "host",
     "content-length",
@@ -46,7 +53,6 @@ _HOP = {
     "accept-encoding",
     "authorization",
 }
-_RESPONSE_DROP = {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding"}
 
 
 @dataclass(frozen=True)
@@ -84,28 +90,6 @@ class ProxyError(APIError):
         param: str | None = None,
     ):
         super().__init__(message, status_code=status_code, error_type=error_type, code=code, param=param)
-
-
-@dataclass
-class _Plan:
-    """What one request's compression did (None fields: nothing was compressed)."""
-
-    original: int | None = None
-    compressed: int | None = None
-    cp: CompressedPrompt | None = None
-
-    def headers(self) -> dict[str, str]:
-        if self.original is None:
-            return {}
-        out = {HEADER: f"{self.original}/{self.compressed}"}
-        if self.cp is not None:
-            out["x-longserve-compress-ms"] = f"{self.cp.compress_s * 1000:.0f}"
-        return out
-
-    def usage_fields(self) -> dict[str, Any]:
-        if self.original is None:
-            return {}
-        return {"original_prompt_tokens": self.original, "compressed_prompt_tokens": self.compressed}
 
 
 class Proxy:
@@ -154,14 +138,14 @@ class Proxy:
             return False
         return P.content_tokens(self.tokenizer, [text]) >= min_tokens
 
-    def compress_chat(self, body: dict) -> _Plan:
+    def compress_chat(self, body: dict) -> CompressionPlan:
         enabled, keep, min_tokens, roles = self.options(body)
         messages = body.get("messages")
         if not enabled or not isinstance(messages, list) or not messages:
-            return _Plan()
+            return CompressionPlan()
         texts = [P.message_text(m.get("content")) if isinstance(m, dict) else None for m in messages]
         if any(t is None for t in texts) or any(not isinstance(m.get("role"), str) for m in messages):
-            return _Plan()  # images, malformed messages: the upstream decides
+            return CompressionPlan()  # images, malformed messages: the upstream decides
         chosen = [
             i
             for i, (m, t) in enumerate(zip(messages, texts, strict=True))
@@ -170,28 +154,28 @@ class Proxy:
         plain = [{"role": m["role"], "content": t} for m, t in zip(messages, texts, strict=True)]
         if not chosen:
             n = P.count_tokens(self.tokenizer, plain)
-            return _Plan(n, n)
+            return CompressionPlan(n, n)
         cp = self.sp.compress_text(plain, self.tokenizer, keep=keep, compress=chosen)
         if cp.path != "passthrough":
             for i in chosen:
                 messages[i] = {**messages[i], "content": cp.prompt[i]["content"]}
-        return _Plan(cp.original_tokens, cp.kept_tokens, cp)
+        return CompressionPlan(cp.original_tokens, cp.kept_tokens, cp)
 
-    def compress_completion(self, body: dict) -> _Plan:
+    def compress_completion(self, body: dict) -> CompressionPlan:
         enabled, keep, min_tokens, _ = self.options(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not enabled or not isinstance(prompt, str) or not prompt:
-            return _Plan()
+            return CompressionPlan()
         if not self._long_enough(prompt, min_tokens):
             n = P.count_tokens(self.tokenizer, prompt)
-            return _Plan(n, n)
+            return CompressionPlan(n, n)
         cp = self.sp.compress_text(prompt, self.tokenizer, keep=keep)
         body["prompt"] = cp.prompt
-        return _Plan(cp.original_tokens, cp.kept_tokens, cp)
+        return CompressionPlan(cp.original_tokens, cp.kept_tokens, cp)
 
-    async def plan(self, body: dict, chat: bool) -> _Plan:
+    async def plan(self, body: dict, chat: bool) -> CompressionPlan:
         run = self.compress_chat if chat else self.compress_completion
         async with self.lock:  # the draft is CPU-bound: one at a time, off the event loop
             try:
@@ -245,65 +229,6 @@ class Proxy:
             ) from None
 
 
-async def upstream_error(resp: httpx.Response) -> JSONResponse:
-    """The upstream's error with its status; a non-OpenAI body is wrapped into an OpenAI error."""
-    raw = await resp.aread()
-    await resp.aclose()
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    if not (isinstance(body, dict) and isinstance(body.get("error"), dict | str)):
-        text = raw.decode(errors="replace").strip()[:1000]
-        body = {
-            "error": {
-                "message": f"upstream returned HTTP {resp.status_code}: {text or resp.reason_phrase}",
-                "type": "upstream_error",
-                "param": None,
-                "code": resp.status_code,
-            }
-        }
-    return JSONResponse(body, status_code=resp.status_code)
-
-
-def _add_usage(obj: Any, plan: _Plan) -> bool:
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    if isinstance(usage, dict) and plan.original is not None:
-        usage.update(plan.usage_fields())
-        return True
-    return False
-
-
-async def relay_sse(resp: httpx.Response, plan: _Plan) -> AsyncIterator[str]:
-    """Forward the upstream's event stream line by line, adding our fields to the usage chunk."""
-    try:
-        async for line in resp.aiter_lines():
-            if plan.original is not None and line.startswith("data:") and '"usage"' in line:
-                try:
-                    obj = json.loads(line[5:])
-                    if _add_usage(obj, plan):
-                        line = "data: " + json.dumps(obj, ensure_ascii=False)
-                except ValueError:
-                    pass
-            yield line + "\n"
-    except httpx.HTTPError as exc:  # headers are gone: report in-band, as OpenAI does
-        error = {
-            "error": {
-                "message": f"the upstream stream broke: {type(exc).__name__}: {exc}",
-                "type": "upstream_error",
-                "param": None,
-                "code": "upstream_stream_error",
-            }
-        }
-        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
-
-
-def _response_headers(resp: httpx.Response, plan: _Plan) -> dict[str, str]:
-    headers = {k: v for k, v in resp.headers.items() if k.lower() not in _RESPONSE_DROP}
-    headers.update(plan.headers())
-    return headers
-
-
 def create_proxy_app(
     config: ProxyConfig,
     compressor: SpeculativePrefill | None,
@@ -350,7 +275,7 @@ def create_proxy_app(
         resp = await proxy.send("POST", path, request, json_body=body)
         if resp.status_code >= 400:
             return await upstream_error(resp)
-        headers = _response_headers(resp, plan)
+        headers = response_headers(resp, plan)
         headers["x-longserve-proxy-ms"] = f"{(time.perf_counter() - start) * 1000:.0f}"
         if "text/event-stream" in resp.headers.get("content-type", ""):
             return StreamingResponse(
@@ -366,7 +291,7 @@ def create_proxy_app(
             data = json.loads(raw)
         except ValueError:
             return Response(raw, status_code=resp.status_code, headers=headers)
-        _add_usage(data, plan)
+        add_usage(data, plan)
         headers.pop("content-type", None)
         return JSONResponse(data, status_code=resp.status_code, headers=headers)
 
@@ -393,7 +318,7 @@ def create_proxy_app(
         return StreamingResponse(
             resp.aiter_bytes(),
             status_code=resp.status_code,
-            headers=_response_headers(resp, _Plan()),
+            headers=response_headers(resp, CompressionPlan()),
             background=BackgroundTask(resp.aclose),
         )
 

@@ -50,7 +50,7 @@ def gguf_path(name: str = DEFAULT_GGUF_MODEL, cache_dir: Path | None = None, pro
     tmp_root = zoo.home() / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root) as work:
-        out = zoo._assemble(entry, Path(work), progress)  # downloads, concatenates, checks sha256
+        out = zoo.assemble(entry, Path(work), progress)  # downloads, concatenates, checks sha256
         os.replace(out, dest)
     return dest
 

@@ -15,20 +15,19 @@ from dataclasses import asdict, dataclass
 from longserve.errors import InvalidParameterError
 from longserve.kv.cache import KVPool
 from longserve.kv.policies import Policy
+from longserve.units import SUFFIXES, parse_count
 
+#: Explicit byte units keep their standard meaning; bare suffixes (`4k`, `2g`) and token counts (`64ktok`)
+#: go through `longserve.units.parse_count`, where `k` is 1024 as everywhere else in longserve.
 _BYTE_UNITS = {
     "": 1,
     "b": 1,
-    "k": 1000,
     "kb": 1000,
     "kib": 1024,
-    "m": 1000**2,
     "mb": 1000**2,
     "mib": 1024**2,
-    "g": 1000**3,
     "gb": 1000**3,
     "gib": 1024**3,
-    "t": 1000**4,
     "tb": 1000**4,
     "tib": 1024**4,
 }
@@ -42,17 +41,23 @@ class KVMemory:
 
 
 def parse_kv_memory(value: str | int) -> KVMemory:
-    """`4GiB`, `512MB`, `2147483648` (bytes) or `65536tok` (KV tokens over all slots)."""
+    """`4GiB`, `512MB`, `2147483648` or `4k` (bytes; bare `k` = 1024) or `65536tok` / `64ktok` (KV tokens over
+    all slots)."""
     if isinstance(value, int):
         return KVMemory(value, "bytes")
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    unit = match.group(2).lower() if match else None
-    if match is None or (unit not in _BYTE_UNITS and unit not in _TOKEN_UNITS):
+    unit = match.group(2).lower() if match else ""
+    prefix, tokens = unit, False
+    for suffix in _TOKEN_UNITS:
+        if unit.endswith(suffix) and unit[: -len(suffix)] in SUFFIXES:
+            prefix, tokens = unit[: -len(suffix)], True
+            break
+    if match is None or (unit not in _BYTE_UNITS and prefix not in SUFFIXES):
         raise InvalidParameterError(f"cannot read KV memory '{value}': use e.g. 4GiB, 512MB or 65536tok")
-    number = float(match.group(1))
-    if unit in _TOKEN_UNITS:
-        return KVMemory(int(number), "tokens")
-    return KVMemory(int(number * _BYTE_UNITS[unit]), "bytes")
+    if unit in _BYTE_UNITS:
+        return KVMemory(int(float(match.group(1)) * _BYTE_UNITS[unit]), "bytes")
+    amount = parse_count(match.group(1) + prefix) if prefix else int(float(match.group(1)))
+    return KVMemory(amount, "tokens" if tokens else "bytes")
 
 
 def slot_capacity(policy: Policy, max_model_len: int) -> int:

@@ -14,16 +14,24 @@ Two paths, chosen by whether the draft and the target share a tokenizer:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 import torch
 
-from longserve.engine.engine import StepOutput
-from longserve.engine.sampler import SamplingParams
-from longserve.errors import ContextLengthError, InvalidParameterError
-from longserve.llm import LLM, Completion
+from longserve.errors import InvalidParameterError
+from longserve.llm import LLM
 from longserve.specprefill import prompt as P
+from longserve.specprefill.compressed import (
+    CompressedPrompt,
+    Prompt,
+    encode_for,
+    same_tokenizer,
+    split_prompt,
+    tokenizer_of,
+    with_stats,
+)
+from longserve.specprefill.generation import Generation
 from longserve.specprefill.scoring import (
     Importance,
     SpecPrefillConfig,
@@ -33,106 +41,50 @@ from longserve.specprefill.scoring import (
     token_importance,
 )
 
-Prompt = P.Prompt
-_SPLIT = "\u2063LONGSERVE_SPLIT\u2063"
-
-
-@dataclass
-class CompressedPrompt:
-    """What the target gets: `prompt` (text or messages) for the cross-tokenizer path; `ids` + `positions`
-    (original position ids of the kept tokens) for the same-tokenizer path. Token counts are the target's."""
-
-    prompt: Prompt
-    original_tokens: int
-    kept_tokens: int
-    path: str  # "same_tokenizer", "cross_tokenizer" or "passthrough"
-    ids: list[int] | None = None
-    positions: list[int] | None = None
-    draft_tokens: int = 0
-    draft_kept: int = 0
-    content_ratio: float | None = None  # cross path: kept / original target tokens of the compressible text
-    within_tolerance: bool = True
-    score_s: float = 0.0  # draft forward (prefill + look-ahead)
-    compress_s: float = 0.0  # everything: rendering, scoring, selection, re-tokenization
-    windows: int = 0
-
-    @property
-    def ratio(self) -> float:
-        return self.kept_tokens / max(1, self.original_tokens)
-
-    @property
-    def text(self) -> str | None:
-        return self.prompt if isinstance(self.prompt, str) else None
-
-    @property
-    def messages(self) -> list[dict] | None:
-        return self.prompt if isinstance(self.prompt, list) else None
-
-    def stats(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("prompt", "ids", "positions")}
-        out["ratio"] = self.ratio
-        return out
-
-
-def _tokenizer_of(x):
-    return x.tokenizer if isinstance(x, LLM) else x
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same text under both tokenizers (vocab + a probe encoding)."""
-    if a is b:
-        return True
-    get_a, get_b = getattr(a, "get_vocab", None), getattr(b, "get_vocab", None)
-    if callable(get_a) and callable(get_b):
-        if get_a() != get_b():
-            return False
-    elif type(a) is not type(b):
-        return False
-    probe = "Hello, world! 12345 <tag> naïve\n\tdef f(x): return x"
-    return list(a.encode(probe, add_special_tokens=True)) == list(b.encode(probe, add_special_tokens=True))
+__all__ = [
+    "CompressedPrompt",
+    "Prompt",
+    "SpeculativePrefill",
+    "encode_for",
+    "same_tokenizer",
+    "split_prompt",
+    "with_stats",
+]
 
 
 def _select(
     prompt: Prompt, compress: Sequence[int] | None, roles: Iterable[str] | None
 ) -> Sequence[int] | None:
+    """Message indices that may be compressed: `compress` as given, else those with one of `roles`."""
     if compress is None and roles is not None and isinstance(prompt, list):
         allowed = set(roles)
         return [i for i, m in enumerate(prompt) if m["role"] in allowed]
     return compress
 
 
-def encode_for(target: LLM, prompt: Prompt) -> list[int]:
-    """Token ids the target runs for `prompt` (template-less models get the server's plain chat format)."""
-    if isinstance(prompt, list) and not getattr(target.tokenizer, "chat_template", None):
-        return list(target.tokenizer.encode(P.plain_chat(prompt), add_special_tokens=True))
-    return target.encode(prompt)
-
-
-def split_prompt(tokenizer, context: str, question: str) -> tuple[list[int], list[int]]:
-    """Ids of (everything up to the end of `context`, the rest) for a prompt reading `context + question`:
-    one user turn with a chat template, raw text without one."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": context + _SPLIT + question}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        add_special = False
-    else:
-        text, add_special = context + _SPLIT + question, True
-    head, tail = text.split(_SPLIT)
-    return (
-        list(tokenizer.encode(head, add_special_tokens=add_special)),
-        list(tokenizer.encode(tail, add_special_tokens=False)),
+def _passthrough(
+    prompt: Prompt, tokens: int, draft_tokens: int, start: float, ids: list[int] | None = None
+) -> CompressedPrompt:
+    """Nothing worth compressing (shorter than a chunk, or no compressible text): the prompt as it is."""
+    return CompressedPrompt(
+        prompt,
+        tokens,
+        tokens,
+        "passthrough",
+        ids=ids,
+        draft_tokens=draft_tokens,
+        draft_kept=draft_tokens,
+        compress_s=time.perf_counter() - start,
     )
 
 
-class SpeculativePrefill:
+class SpeculativePrefill(Generation):
     """`SpeculativePrefill(draft_llm, SpecPrefillConfig(keep=0.25)).generate(target_llm, prompt)`.
 
     `compress(target, prompt)` picks the path; `compress_text(prompt, target_tokenizer)` always returns
     text/messages (what a remote engine needs); `compress_context(target, context, question)` compresses
-    a context without showing the question to the draft (query-agnostic).
+    a context without showing the question to the draft (query-agnostic). Every same-tokenizer entry point
+    ends in `_keep_ids`, the text ones in `compress_text`.
     """
 
     def __init__(self, draft: LLM, config: SpecPrefillConfig | None = None, **overrides):
@@ -159,6 +111,39 @@ class SpeculativePrefill:
         """Importance of every token of `ids` (draft token ids)."""
         return token_importance(
             self.draft.loaded.model, list(ids), config or self.config, window=self.draft.context_window
+        )
+
+    def _keep_ids(
+        self,
+        prompt: Prompt,
+        scored: list[int],
+        forced: torch.Tensor,
+        cfg: SpecPrefillConfig,
+        start: float,
+        tail: Sequence[int] = (),
+    ) -> CompressedPrompt:
+        """The same-tokenizer selection: score `scored`, keep `keep` of its chunks (plus `forced` tokens),
+        then all of `tail` (never shown to the draft); kept ids keep their original positions."""
+        ids = list(scored) + list(tail)
+        t0 = time.perf_counter()
+        imp = self.score(scored, cfg)
+        score_s = time.perf_counter() - t0
+        mask = select_tokens(
+            imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(len(scored), cfg.chunk))
+        )
+        kept = mask.nonzero().flatten().tolist() + list(range(len(scored), len(ids)))
+        return CompressedPrompt(
+            prompt,
+            len(ids),
+            len(kept),
+            "same_tokenizer",
+            ids=[ids[i] for i in kept],
+            positions=kept,
+            draft_tokens=len(scored),
+            draft_kept=int(mask.sum()),
+            score_s=score_s,
+            compress_s=time.perf_counter() - start,
+            windows=imp.windows,
         )
 
     # ---- compression ---------------------------------------------------------------------------
@@ -188,42 +173,14 @@ class SpeculativePrefill:
                 "use compress_text() (or compress(), which picks the text path by itself)"
             )
         prompt = P.normalize(prompt)
-        compress = _select(prompt, compress, roles)
-        r = P.render(target.tokenizer, prompt, compress)
+        r = P.render(target.tokenizer, prompt, _select(prompt, compress, roles))
         ids = encode_for(target, prompt)
         if ids != r.ids:  # rendering disagrees with the target's own encoding: keep its ids, lose offsets
             r = P.Rendered(r.text, ids, None, r.spans, r.messages)
-        n = len(ids)
-        if n <= cfg.chunk or P.compressible_tokens(r) == 0:
-            return CompressedPrompt(
-                prompt,
-                n,
-                n,
-                "passthrough",
-                ids=ids,
-                draft_tokens=n,
-                draft_kept=n,
-                compress_s=time.perf_counter() - start,
-            )
-        t0 = time.perf_counter()
-        imp = self.score(ids, cfg)
-        score_s = time.perf_counter() - t0
+        if len(ids) <= cfg.chunk or P.compressible_tokens(r) == 0:
+            return _passthrough(prompt, len(ids), len(ids), start, ids=ids)
         forced = P.forced_mask(r, target.tokenizer, cfg.keep_special, cfg.keep_tail)
-        mask = select_tokens(imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(n, cfg.chunk)))
-        kept = mask.nonzero().flatten().tolist()
-        return CompressedPrompt(
-            prompt,
-            n,
-            len(kept),
-            "same_tokenizer",
-            ids=[ids[i] for i in kept],
-            positions=kept,
-            draft_tokens=n,
-            draft_kept=len(kept),
-            score_s=score_s,
-            compress_s=time.perf_counter() - start,
-            windows=imp.windows,
-        )
+        return self._keep_ids(prompt, ids, forced, cfg, start)
 
     def compress_token_ids(
         self, target: LLM, ids: Sequence[int], keep: float | None = None
@@ -239,38 +196,11 @@ class SpeculativePrefill:
             raise InvalidParameterError(
                 "token ids can only be compressed by a draft that shares the target's tokenizer"
             )
-        n = len(ids)
-        if n <= cfg.chunk:
-            return CompressedPrompt(
-                ids,
-                n,
-                n,
-                "passthrough",
-                ids=ids,
-                draft_tokens=n,
-                draft_kept=n,
-                compress_s=time.perf_counter() - start,
-            )
-        t0 = time.perf_counter()
-        imp = self.score(ids, cfg)
-        score_s = time.perf_counter() - t0
+        if len(ids) <= cfg.chunk:
+            return _passthrough(ids, len(ids), len(ids), start, ids=ids)
         r = P.Rendered("", ids, None, [P.Span(0, 0, -1, True)])
         forced = P.forced_mask(r, target.tokenizer, cfg.keep_special, cfg.keep_tail)
-        mask = select_tokens(imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(n, cfg.chunk)))
-        kept = mask.nonzero().flatten().tolist()
-        return CompressedPrompt(
-            ids,
-            n,
-            len(kept),
-            "same_tokenizer",
-            ids=[ids[i] for i in kept],
-            positions=kept,
-            draft_tokens=n,
-            draft_kept=len(kept),
-            score_s=score_s,
-            compress_s=time.perf_counter() - start,
-            windows=imp.windows,
-        )
+        return self._keep_ids(ids, ids, forced, cfg, start)
 
     def compress_for_engine(
         self, target: LLM, prompt: Prompt | Sequence[int], keep: float | None = None
@@ -302,10 +232,9 @@ class SpeculativePrefill:
         start = time.perf_counter()
         cfg = replace(config or self.config, **({"keep": keep} if keep is not None else {}))
         tok = self.draft.tokenizer
-        target_tok = _tokenizer_of(target_tokenizer) if target_tokenizer is not None else tok
+        target_tok = tokenizer_of(target_tokenizer) if target_tokenizer is not None else tok
         prompt = P.normalize(prompt)
-        compress = _select(prompt, compress, roles)
-        r = P.render(tok, prompt, compress)
+        r = P.render(tok, prompt, _select(prompt, compress, roles))
         if not r.has_offsets:
             raise InvalidParameterError(
                 f"the draft {self.draft.loaded.name!r} has no offset mapping (not a fast HF tokenizer); "
@@ -314,15 +243,7 @@ class SpeculativePrefill:
         original = P.count_tokens(target_tok, prompt)
         n = len(r.ids)
         if n <= cfg.chunk or P.compressible_tokens(r) == 0:
-            return CompressedPrompt(
-                prompt,
-                original,
-                original,
-                "passthrough",
-                draft_tokens=n,
-                draft_kept=n,
-                compress_s=time.perf_counter() - start,
-            )
+            return _passthrough(prompt, original, n, start)
         t0 = time.perf_counter()
         imp = self.score(r.ids, cfg)
         score_s = time.perf_counter() - t0
@@ -382,42 +303,12 @@ class SpeculativePrefill:
         full: Prompt = [{"role": "user", "content": context + question}] if chat else context + question
         if self.shares_tokenizer(target):
             head, tail = split_prompt(target.tokenizer, context, question)
-            n = len(head) + len(tail)
             if len(head) <= cfg.chunk:
-                return CompressedPrompt(
-                    full,
-                    n,
-                    n,
-                    "passthrough",
-                    ids=head + tail,
-                    draft_tokens=len(head),
-                    draft_kept=len(head),
-                    compress_s=time.perf_counter() - start,
-                )
-            t0 = time.perf_counter()
-            imp = self.score(head, cfg)
-            score_s = time.perf_counter() - t0
+                return _passthrough(full, len(head) + len(tail), len(head), start, ids=head + tail)
             specials = P.special_ids(target.tokenizer) if cfg.keep_special else set()
             forced = torch.tensor([t in specials for t in head], dtype=torch.bool)
             forced[-1] = not tail or bool(forced[-1])  # without a question, the last token must stay
-            mask = select_tokens(
-                imp.scores, forced, cfg.chunk, chunks_for(cfg.keep, n_chunks(len(head), cfg.chunk))
-            )
-            kept = mask.nonzero().flatten().tolist() + list(range(len(head), n))
-            ids = head + tail
-            return CompressedPrompt(
-                full,
-                n,
-                len(kept),
-                "same_tokenizer",
-                ids=[ids[i] for i in kept],
-                positions=kept,
-                draft_tokens=len(head),
-                draft_kept=int(mask.sum()),
-                score_s=score_s,
-                compress_s=time.perf_counter() - start,
-                windows=imp.windows,
-            )
+            return self._keep_ids(full, head, forced, cfg, start, tail=tail)
         part = self.compress_text(
             [{"role": "user", "content": context}] if chat else context, target, config=cfg
         )
@@ -433,125 +324,3 @@ class SpeculativePrefill:
             kept_tokens=P.count_tokens(target.tokenizer, new),
             compress_s=time.perf_counter() - start,
         )
-
-    # ---- generation ----------------------------------------------------------------------------
-    def generate(
-        self,
-        target: LLM,
-        prompts: Prompt | list[Prompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        keep: float | None = None,
-        kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
-    ) -> list[Completion]:
-        """Compress each prompt, then decode them together on the target (any KV policy still applies).
-        `stats["ttft_s"]` includes the compression; `stats["target_ttft_s"]` is the target's alone."""
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
-        )
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            return []
-        compressed = [self.compress(target, p, keep=keep) for p in batch]
-        return self.generate_compressed(
-            target,
-            compressed,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop,
-            kv_policy,
-            kv_budget,
-            kv_ratio,
-            **policy_kwargs,
-        )
-
-    def generate_compressed(
-        self,
-        target: LLM,
-        compressed: list[CompressedPrompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
-    ) -> list[Completion]:
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        requests = [self._request(target, cp, max_new_tokens) for cp in compressed]
-        capacity = max(policy.capacity(len(ids), max_new_tokens) for ids, _ in requests)
-        engine = target.engine(min(len(requests), target.max_batch_size), capacity)
-        seqs = [engine.add_request(ids, params, policy, positions=pos) for ids, pos in requests]
-        while engine.has_unfinished():
-            engine.step()
-        return [
-            Completion(s.text, s.output_ids, s.prompt_len, s.finish_reason, with_stats(s.stats(), cp))
-            for s, cp in zip(seqs, compressed, strict=True)
-        ]
-
-    def stream(
-        self,
-        target: LLM,
-        prompt: Prompt,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        keep: float | None = None,
-        kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
-    ) -> Iterator[StepOutput]:
-        """Yield text pieces; every output's `seq.spec_prefill` holds the compression stats (for the CLI:
-        `with_stats(out.seq.stats(), out.seq.spec_prefill)`)."""
-        cp = self.compress(target, prompt, keep=keep)
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        ids, positions = self._request(target, cp, max_new_tokens)
-        engine = target.engine(1, policy.capacity(len(ids), max_new_tokens))
-        seq = engine.add_request(ids, params, policy, positions=positions)
-        seq.spec_prefill = cp
-        while engine.has_unfinished():
-            yield from engine.step()
-
-    def _request(
-        self, target: LLM, cp: CompressedPrompt, max_new_tokens: int
-    ) -> tuple[list[int], list[int] | None]:
-        if cp.ids is not None:
-            ids, positions = cp.ids, cp.positions
-        else:
-            ids, positions = encode_for(target, cp.prompt), None
-        end = positions[-1] + 1 if positions else len(ids)
-        if end + max_new_tokens > target.context_window:
-            raise ContextLengthError(
-                f"the original prompt ({end} positions) + max_new_tokens ({max_new_tokens}) exceed the target's "
-                f"context window of {target.context_window} tokens: speculative prefill keeps original positions"
-            )
-        return ids, positions
-
-
-def with_stats(stats: dict, cp: CompressedPrompt) -> dict:
-    """A target sequence's stats with the compression's: `ttft_s` becomes end-to-end (compression included)."""
-    out = dict(stats)
-    out["target_ttft_s"] = stats.get("ttft_s")
-    if stats.get("ttft_s") is not None:
-        out["ttft_s"] = stats["ttft_s"] + cp.compress_s
-    out["spec_prefill"] = cp.stats()
-    return out

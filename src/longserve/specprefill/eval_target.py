@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from longserve.errors import InvalidParameterError
+from longserve.eval.specs import parse_value, register_spec_parser
 from longserve.eval.target import EvalRequest, EvalResult
 from longserve.llm import LLM
 from longserve.loader import DTYPES
@@ -141,8 +142,6 @@ def parse_spec(spec: str) -> SpecPrefillSpec | None:
 
 
 def _number(text: str, spec: str) -> Any:
-    from longserve.eval.cli import parse_value
-
     value = parse_value(text)
     if isinstance(value, str):
         raise InvalidParameterError(f"bad value {text!r} in {spec!r}")
@@ -150,11 +149,8 @@ def _number(text: str, spec: str) -> Any:
 
 
 def register() -> bool:
-    """Add `parse_spec` to the eval CLI's spec parsers (False if that extension point is missing)."""
-    try:
-        from longserve.eval.cli import register_spec_parser
-    except ImportError:
-        return False
+    """Add `parse_spec` to the eval CLI's spec parsers (`longserve.eval.specs`, which imports nothing of
+    specprefill, so there is no import cycle)."""
     register_spec_parser(parse_spec)
     return True
 

@@ -1,0 +1,192 @@
+"""Rendering responses per endpoint (chat vs. completions differ only in their `ResponseFormat`), SSE
+streaming, and waiting for a non-streamed answer while watching for the client going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+
+from longserve.engine.engine import StepOutput
+from longserve.engine.sequence import Sequence
+from longserve.errors import LongserveError
+from longserve.server.async_engine import RequestStream
+from longserve.server.errors import error_body
+from longserve.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChoice,
+    Delta,
+    GenerationRequest,
+    ResponseMessage,
+    Usage,
+)
+from longserve.server.serving_engine import PreparedPrompt, ServerState
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ResponseFormat:
+    """How outputs become response bodies; chat and completions differ only here."""
+
+    prefix = ""
+
+    def __init__(self, model: str):
+        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
+
+    def _head(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    def start(self) -> BaseModel | None:
+        return None
+
+    def piece(self, text: str, finish_reason: str | None) -> BaseModel:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        raise NotImplementedError
+
+    def final(self, seq: Sequence, usage: Usage, stats: dict) -> BaseModel:
+        raise NotImplementedError
+
+
+class ChatFormat(ResponseFormat):
+    prefix = "chatcmpl"
+
+    def start(self) -> BaseModel:
+        return ChatCompletionChunk(
+            **self._head(), choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))]
+        )
+
+    def piece(self, text: str, finish_reason: str | None) -> BaseModel:
+        delta = Delta(content=text or None)
+        return ChatCompletionChunk(
+            **self._head(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
+        )
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return ChatCompletionChunk(**self._head(), choices=[], usage=usage)
+
+    def final(self, seq: Sequence, usage: Usage, stats: dict) -> BaseModel:
+        choice = ChatChoice(message=ResponseMessage(content=seq.text), finish_reason=seq.finish_reason)
+        return ChatCompletion(**self._head(), choices=[choice], usage=usage, longserve=stats)
+
+
+class CompletionFormat(ResponseFormat):
+    prefix = "cmpl"
+
+    def piece(self, text: str, finish_reason: str | None) -> BaseModel:
+        return Completion(**self._head(), choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return Completion(**self._head(), choices=[], usage=usage)
+
+    def final(self, seq: Sequence, usage: Usage, stats: dict) -> BaseModel:
+        choice = CompletionChoice(text=seq.text, finish_reason=seq.finish_reason)
+        return Completion(**self._head(), choices=[choice], usage=usage, longserve=stats)
+
+
+def usage_of(seq: Sequence, prompt: PreparedPrompt) -> Usage:
+    """Usage with the original prompt length when the prompt was pruned."""
+    original = prompt.compressed.original_tokens if prompt.compressed is not None else None
+    return Usage.of(seq.prompt_len, len(seq.output_ids), original)
+
+
+def stats_of(seq: Sequence, prompt: PreparedPrompt) -> dict:
+    """The `longserve` block of a response: engine stats, end-to-end time, the compression's."""
+    stats = {**seq.stats(), "e2e_s": seq.finished_at - seq.arrival}
+    if prompt.compressed is not None:  # ttft_s already includes the compression (arrival predates it)
+        stats["spec_prefill"] = prompt.compressed.stats()
+    return stats
+
+
+def sse(data: BaseModel | dict) -> str:
+    """One server-sent event."""
+    body = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data)
+    return f"data: {body}\n\n"
+
+
+async def stream_events(
+    stream: RequestStream, fmt: ResponseFormat, include_usage: bool, prompt: PreparedPrompt
+):
+    """SSE events of a streamed response; errors after the headers are reported in-band."""
+    try:
+        if (start := fmt.start()) is not None:
+            yield sse(start)
+        async for out in stream:
+            if out.new_text:
+                yield sse(fmt.piece(out.new_text, None))
+            if out.finished:
+                yield sse(fmt.piece("", out.seq.finish_reason))
+                if include_usage:
+                    yield sse(fmt.usage_chunk(usage_of(out.seq, prompt)))
+    except LongserveError as exc:  # headers are gone: report in-band, as OpenAI does
+        yield sse(error_body(exc))
+    finally:
+        stream.close()
+    yield "data: [DONE]\n\n"
+
+
+async def collect(stream: RequestStream, request: Request) -> StepOutput | None:
+    """The final output, or None if the client went away (then the request is aborted)."""
+
+    async def close_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.close()
+
+    watcher = asyncio.create_task(close_on_disconnect())
+    last = None
+    try:
+        async for out in stream:
+            last = out
+    finally:
+        watcher.cancel()
+        stream.close()
+    return last if last is not None and last.finished else None
+
+
+async def respond(
+    state: ServerState,
+    request: Request,
+    body: GenerationRequest,
+    prompt: PreparedPrompt,
+    fmt: ResponseFormat,
+    arrival: float,
+) -> Response:
+    """Submit the request and answer it: SSE when it streams, one JSON body (or 499) otherwise."""
+    stream = state.submit(body, prompt, fmt.id, arrival)
+    if body.stream:
+        events = stream_events(stream, fmt, body.include_usage, prompt)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(stream.close),
+        )
+    last = await collect(stream, request)
+    if last is None:
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "client disconnected",
+                    "type": "client_closed",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=499,
+        )
+    return JSONResponse(
+        fmt.final(last.seq, usage_of(last.seq, prompt), stats_of(last.seq, prompt)).model_dump()
+    )

@@ -1,0 +1,162 @@
+"""The local cache of converted models: where they live, their manifests, verification and the atomic
+builder every pull, import and distilled-draft export goes through.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from longserve.errors import CorruptModelError, LongserveError, ModelNotFoundError, PullError
+from longserve.zoo.catalogue import ZOO
+
+#: Bump when the layout of a converted directory changes; older entries then count as corrupt.
+FORMAT_VERSION = 1
+MANIFEST = "longserve.json"
+WEIGHTS = "model.safetensors"
+CHUNK = 1 << 20
+
+
+def home() -> Path:
+    """Cache root: ``$LONGSERVE_HOME`` or ``~/.cache/longserve``."""
+    env = os.environ.get("LONGSERVE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "longserve"
+
+
+def model_dir(name: str) -> Path:
+    """Where the converted files of a zoo model (or an imported local GGUF) live."""
+    return home() / "models" / name
+
+
+def pull_hint(name: str) -> str:
+    """How to repair a cache entry: re-pull a zoo model, re-import a local GGUF."""
+    return f"run `longserve models pull {name} --force`" if name in ZOO else "re-run with the original .gguf"
+
+
+def sha256_file(path: Path) -> str:
+    """Streamed sha256 (model files are gigabytes)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_dir(d: Path, name: str, *, deep: bool = False) -> None:
+    """Raise CorruptModelError unless ``d`` is a complete converted directory matching its manifest."""
+    hint = pull_hint(name)
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+        files = manifest["files"]
+        json.loads((d / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptModelError(f"model {name!r} in {d} is incomplete ({type(e).__name__}); {hint}") from e
+    if manifest.get("format") != FORMAT_VERSION or not isinstance(files, dict) or WEIGHTS not in files:
+        raise CorruptModelError(f"model {name!r} in {d} was written by another longserve version; {hint}")
+    if name in ZOO and manifest.get("source", {}).get("sha256") != ZOO[name].sha256:
+        raise CorruptModelError(f"model {name!r} in {d} was converted from an outdated source; {hint}")
+    for fname, meta in files.items():
+        path = d / fname
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            raise CorruptModelError(f"model {name!r}: {fname} is missing or truncated in {d}; {hint}")
+        if deep and sha256_file(path) != meta["sha256"]:
+            raise CorruptModelError(f"model {name!r}: {fname} fails its sha256 check in {d}; {hint}")
+
+
+def verify(name: str, *, deep: bool = False) -> None:
+    """Check a pulled model's files against its manifest (sizes; sha256 too with ``deep``).
+
+    Size checks are cheap enough for every load; ``deep`` rereads gigabytes and is for explicit checks.
+    """
+    d = model_dir(name)
+    if not d.exists():
+        if name in ZOO:
+            raise ModelNotFoundError(f"model {name!r} is not pulled yet; run `longserve models pull {name}`")
+        raise ModelNotFoundError(f"unknown model {name!r}; known zoo models: {', '.join(ZOO)}")
+    check_dir(d, name, deep=deep)
+
+
+def is_cached(name: str) -> bool:
+    """True when ``name`` is converted and its files match the manifest."""
+    try:
+        verify(name)
+    except LongserveError:
+        return False
+    return True
+
+
+def list_models() -> list[dict]:
+    """One row per zoo model, for ``longserve models list``."""
+    return [
+        {
+            "name": e.name,
+            "family": e.family,
+            "params": e.params,
+            "context_window": e.context_window,
+            "license": e.license,
+            "chat": e.chat,
+            "cached": is_cached(e.name),
+        }
+        for e in ZOO.values()
+    ]
+
+
+def progress_bar(progress: bool, **kw) -> tqdm:
+    """A transient tqdm bar, off unless `progress`."""
+    return tqdm(disable=not progress, leave=False, dynamic_ncols=True, **kw)
+
+
+def write_manifest(d: Path, name: str, source: dict) -> None:
+    """Sizes and sha256 of every file of `d`, checked by `verify`."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": FORMAT_VERSION, "name": name, "source": source, "files": files}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def build(name: str, source: dict, make: Callable[[Path], None], *, force: bool) -> Path:
+    """Produce ``model_dir(name)`` atomically: ``make(out)`` fills a temp dir that is renamed into place.
+
+    A per-name lock serializes concurrent pulls; leftovers of killed earlier pulls of the same name are
+    swept while holding it. Any failure (including KeyboardInterrupt) leaves the previous state intact.
+    """
+    dest = model_dir(name)
+    tmp_root, locks = home() / "tmp", home() / "locks"
+    for d in (tmp_root, locks, dest.parent):
+        d.mkdir(parents=True, exist_ok=True)
+    with (locks / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and dest.exists() and is_cached(name):  # another process finished it meanwhile
+            return dest
+        for stale in tmp_root.glob(f"{name}~*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}~", dir=tmp_root))
+        try:
+            out = work / "out"
+            make(out)
+            write_manifest(out, name, source)
+            if dest.exists():  # a forced re-pull or a corrupt entry: move it aside, then swap in
+                os.replace(dest, work / "old")
+            os.replace(out, dest)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise PullError(
+                    f"disk full while preparing {name!r} under {home()}; free space or point LONGSERVE_HOME "
+                    "at a larger disk"
+                ) from e
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
