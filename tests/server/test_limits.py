@@ -59,3 +59,28 @@ def test_a_streamed_large_body_is_refused():
     resp = post(application, content=chunks())
     assert resp.status_code == 413 and application.seen == []
     assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_server_refuses_a_10mb_body_and_stays_responsive(serve):
+    import threading
+    import time
+
+    with serve(max_model_len=512, max_request_bytes=1 << 20) as s:
+        big = b'{"prompt": "' + b"x" * (10 << 20) + b'", "max_tokens": 2}'
+        result = {}
+
+        def send():
+            result["resp"] = s.http.post(
+                "/v1/completions", content=big, headers={"content-type": "application/json"}
+            )
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        start = time.perf_counter()
+        health = s.http.get("/health")
+        assert health.status_code == 200 and time.perf_counter() - start < 1.0
+        sender.join(60)
+        assert result["resp"].status_code == 413
+        assert result["resp"].json()["error"]["code"] == "request_too_large"
+        ok = s.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200

@@ -30,6 +30,7 @@ from longserve.kv.policies import Policy
 from longserve.server.async_engine import AsyncEngine
 from longserve.server.errors import APIError, APIKeyMiddleware, error_response
 from longserve.server.kv_plan import plan_kv
+from longserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from longserve.server.metrics import Metrics
 from longserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from longserve.server.serving import ChatFormat, CompletionFormat, respond
@@ -37,6 +38,8 @@ from longserve.server.serving_engine import ServerState
 from longserve.server.speculative import SpeculativeEngine
 from longserve.specprefill.compress import SpeculativePrefill
 from longserve.specprefill.serving import ServerPrefill
+
+DEFAULT_MAX_STEP_TOKENS = 512  # a prefill step while others decode: ~1-2 s of stall on 2 cores at 4k
 
 
 def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -72,6 +75,8 @@ def create_app(
     api_key: str | None = None,
     spec_prefill: SpeculativePrefill | None = None,
     speculative=None,
+    max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """An app serving `llm` (a `longserve.LLM`).
 
@@ -82,7 +87,10 @@ def create_app(
     `spec_prefill`: a `SpeculativePrefill` whose draft prunes prompts (per request: the `spec_prefill`
     body field). `speculative`: a `longserve.spec.SpeculativeDecoder` (default: `llm.speculative`, set by
     `LLM(..., draft=...)`); requests then run through it one at a time (batch 1) unless they send
-    `"speculative": false`.
+    `"speculative": false`. `max_step_tokens`: prompt tokens a prefill step may run while other
+    requests decode (bounds their inter-token stalls; None = a whole --prefill-chunk). Request bodies
+    over `max_request_bytes` are refused with 413 before they are read. The LLM's prefix cache
+    (`LLM(..., prefix_cache=...)`, `--prefix-cache-memory`) serves every request under `full`.
     """
     if speculative is None:
         speculative = getattr(llm, "speculative", None)
@@ -97,9 +105,15 @@ def create_app(
     plan = plan_kv(
         llm, policy, max_model_len=max_model_len, max_batch_size=max_batch_size, max_kv_memory=max_kv_memory
     )
-    shared_metrics = Metrics()
+    name = llm.loaded.name
+    model_id = served_model_name or name
+    shared_metrics = Metrics(model_name=model_id)
+    if llm.prefix_cache is not None:
+        shared_metrics.watch_prefix_cache(llm.prefix_cache)
     engine = AsyncEngine(
-        llm.engine(plan.n_slots, plan.slot_capacity), max_waiting=max_waiting, metrics=shared_metrics
+        llm.engine(plan.n_slots, plan.slot_capacity, max_step_tokens=max_step_tokens),
+        max_waiting=max_waiting,
+        metrics=shared_metrics,
     )
     spec = (
         SpeculativeEngine(speculative, max_waiting=max_waiting, metrics=shared_metrics)
@@ -107,8 +121,6 @@ def create_app(
         else None
     )
     workers = [engine] + ([spec] if spec is not None else [])
-    name = llm.loaded.name
-    model_id = served_model_name or name
     state = ServerState(
         llm,
         engine,
@@ -149,6 +161,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected_error)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     v1 = APIRouter(prefix="/v1")
 
@@ -157,14 +170,15 @@ def create_app(
         arrival = time.perf_counter()
         state.check_model(body.model)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        prompt = await state.prepare(body, state.chat_prompt_ids(body), messages)
+        ids = await asyncio.to_thread(state.chat_prompt_ids, body)  # a long prompt must not block the loop
+        prompt = await state.prepare(body, ids, messages)
         return await respond(state, request, body, prompt, ChatFormat(model_id), arrival)
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival = time.perf_counter()
         state.check_model(body.model)
-        ids = state.completion_prompt_ids(body)
+        ids = await asyncio.to_thread(state.completion_prompt_ids, body)
         # text goes to the draft as text (any draft tokenizer works), token ids as ids (same tokenizer only)
         prompt = await state.prepare(body, ids, body.prompt if isinstance(body.prompt, str) else ids)
         return await respond(state, request, body, prompt, CompletionFormat(model_id), arrival)

@@ -19,6 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -50,6 +51,7 @@ class Metrics:
     def __init__(self, prefix: str = "longserve", model_name: str = "longserve") -> None:
         self.registry = CollectorRegistry()
         r, p = self.registry, prefix
+        self.prefix = prefix
 
         def both(kind, name: str, doc: str, vllm_name: str | None = None, **kw) -> Both:
             ours = kind(f"{p}_{name}", doc, registry=r, **kw)
@@ -166,5 +168,28 @@ class Metrics:
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
 
+    def watch_prefix_cache(self, cache) -> None:
+        """Export the prefix cache's counters (read at scrape time)."""
+        self.registry.register(PrefixCacheCollector(cache, self.prefix))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCollector:
+    """The prefix cache's statistics as Prometheus series: hits, hit tokens, bytes, entries."""
+
+    def __init__(self, cache, prefix: str) -> None:
+        self.cache, self.prefix = cache, prefix
+
+    def collect(self):
+        s, p = self.cache.stats, f"{self.prefix}_prefix_cache"
+        yield CounterMetricFamily(f"{p}_hits", "Requests that reused a cached prefix", value=s.hits)
+        yield CounterMetricFamily(f"{p}_misses", "Cacheable requests with no cached prefix", value=s.misses)
+        yield CounterMetricFamily(
+            f"{p}_hit_tokens", "Prompt tokens served from the cache", value=s.hit_tokens
+        )
+        yield CounterMetricFamily(f"{p}_evictions", "Entries evicted under the byte budget", value=s.evicted)
+        yield GaugeMetricFamily(f"{p}_bytes", "K/V bytes the cache holds", value=s.bytes)
+        yield GaugeMetricFamily(f"{p}_entries", "Cached prompts", value=s.entries)
+        yield GaugeMetricFamily(f"{p}_max_bytes", "The cache's byte budget", value=self.cache.max_bytes)
