@@ -9,6 +9,7 @@ import torch
 
 from longserve.engine.sampler import SamplingParams, filter_logits, sample
 from longserve.engine.sequence import Sequence
+from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy
 
 #: Probabilities 0.5, 0.3, 0.1, 0.06, 0.04 at temperature 1; the order is shuffled so no test can pass by
@@ -93,3 +94,40 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
 def test_unseeded_sequences_differ():
     params = SamplingParams(temperature=1.0)
     assert draw(params, generator(None), n=200) != draw(params, generator(None), n=200)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1"),
+        ({"temperature": -0.1}, "temperature must be >= 0 and finite"),
+        ({"temperature": float("inf")}, "temperature must be >= 0 and finite"),
+        ({"temperature": float("nan")}, "temperature must be >= 0 and finite"),
+        ({"temperature": "hot"}, "temperature must be >= 0 and finite"),
+        ({"top_p": 0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_p": float("nan")}, "top_p must be in (0, 1]"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": 2.0}, "top_k must be an integer >= 0"),
+        ({"seed": -1}, "seed must be an integer in [0, 2**63)"),
+        ({"seed": 2**63}, "seed must be an integer in [0, 2**63)"),
+        ({"seed": 2**70}, "seed must be an integer in [0, 2**63)"),
+        ({"seed": 1.5}, "seed must be an integer in [0, 2**63)"),
+    ],
+)
+def test_invalid_params_are_refused_naming_the_field(kwargs, message):
+    with pytest.raises(InvalidParameterError) as err:
+        SamplingParams(**kwargs)
+    assert str(err.value).startswith(message) and repr(next(iter(kwargs.values()))) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"seed": 0}, {"seed": 2**63 - 1}, {"temperature": 0}, {"top_p": 1}, {"top_k": 0}, {"temperature": 2}],
+)
+def test_boundary_params_are_accepted_and_the_largest_seed_seeds_a_generator(kwargs):
+    params = SamplingParams(**kwargs)
+    if params.seed is not None:
+        assert generator(params.seed).initial_seed() == params.seed
