@@ -52,7 +52,8 @@ def test_many_unexpected_keys_stay_one_short_line(tmp_path):
 def test_multimodal_towers_and_rope_buffers_are_ignored(tmp_path):
     """A multimodal checkpoint serves its text decoder; HF's saved inv_freq is rebuilt from the config."""
     extra = {
-        "vision_tower.vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 2),
+        "vision_tower.vision_model.embeddings.patch_embedding.weight": torch.zeros(2, 2),  # older HF layout
+        "vision_tower.embeddings.patch_embedding.weight": torch.zeros(2, 2),  # Gemma3ForConditionalGeneration
         "multi_modal_projector.mm_input_projection_weight": torch.zeros(2, 2),
         "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8),
     }
