@@ -1,23 +1,91 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written and print what the README says they print."""
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+COLOURS = ("red", "orange", "yellow", "green", "blue", "indigo", "violet", "purple", "pink", "white", "black")
 
 
 def test_readme_has_examples():
     assert len(BLOCKS) >= 2
 
 
+def _full_cache_bytes(ns: dict) -> int:
+    """KV bytes of the example's pass-key prompt under the full cache, the size compression must beat."""
+    return ns["llm"].generate(ns["prompt"], max_new_tokens=8, kv_policy="full")[0].stats["kv_bytes_allocated"]
+
+
+def check_head_adaptive(block: str, ns: dict, printed: str) -> None:
+    """The pass key survives, and the bytes printed are those of the uniform budget of 256 (as commented)."""
+    text, kv_bytes = re.fullmatch(r"(.*) (\d+)\n", printed, flags=re.S).groups()
+    assert "71432" in text
+    uniform = ns["llm"].generate(ns["prompt"], max_new_tokens=8, kv_policy="snapkv", kv_budget=256)[0]
+    assert 0 < int(kv_bytes) == uniform.stats["kv_bytes_allocated"] < _full_cache_bytes(ns)
+
+
+def check_python_api(block: str, ns: dict, printed: str) -> None:
+    """snapstream finds the pass key in fewer bytes than the full cache; the chat answer names colours."""
+    text, kv_bytes, ratio, chat = re.fullmatch(r"(.*) (\d+) (\d+\.\d+)\n(.*)\n", printed, flags=re.S).groups()
+    assert "71432" in text
+    assert 0 < int(kv_bytes) < _full_cache_bytes(ns)
+    assert float(ratio) > 1
+    assert len({c for c in COLOURS if c in chat.lower()}) >= 3, chat
+
+
+#: The right answer to each question the compress-once example may ask of its library/café context.
+ANSWERS = {
+    "When does the library open?": r"\b9(:00)? ?(am|a\.m\.)",
+    "When does the café close?": r"\b6(:00)? ?(pm|p\.m\.)",
+}
+
+
+def check_compress_once(block: str, ns: dict, printed: str) -> None:
+    """The answer read from the saved, reloaded context states the time the context gives."""
+    question = re.search(r'llm\.ask\(ctx, "(.*?)"', block).group(1)
+    assert re.search(ANSWERS[question], printed, flags=re.I), printed
+
+
+#: Each example's check, found by a line that only that example has.
+CHECKS: dict[str, Callable[[str, dict, str], None]] = {
+    "head_adaptive=True": check_head_adaptive,
+    'kv_policy="snapstream", kv_budget=256)': check_python_api,
+    "CompressedContext.load(": check_compress_once,
+}
+
+#: README.md (not ours to edit here) asks this of SmolLM2-135M, which answers "9:30 AM" to a context that
+#: says 9 am; strict, so the mark must go once the example is replaced or the model gets it right.
+WRONG_EXAMPLE = '"When does the library open?"'
+
+
+def _params() -> list:
+    return [
+        pytest.param(
+            i,
+            marks=[pytest.mark.xfail(strict=True, reason="README example answers 9:30 AM for 9 am")]
+            if WRONG_EXAMPLE in block
+            else [],
+        )
+        for i, block in enumerate(BLOCKS)
+    ]
+
+
+def test_every_example_has_a_check():
+    for i, block in enumerate(BLOCKS):
+        assert sum(key in block for key in CHECKS) == 1, f"README python block {i} needs one entry in CHECKS"
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
+@pytest.mark.parametrize("index", _params())
 def test_readme_example_runs(index, capsys):
-    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
-    assert capsys.readouterr().out.strip()  # every example prints its result
+    block, ns = BLOCKS[index], {}
+    exec(compile(block, f"README.md[python block {index}]", "exec"), ns)
+    printed = capsys.readouterr().out
+    next(check for key, check in CHECKS.items() if key in block)(block, ns, printed)
 
 
 def readme_commands() -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from longserve.errors import LongserveError
+from longserve.errors import InvalidParameterError, LongserveError
 
 
 def _human(n: float) -> str:
@@ -68,14 +68,61 @@ def cmd_models(args) -> int:
     return 0
 
 
+def require_positive(**flags: int | None) -> None:
+    """Counts that must be >= 1 when given (`threads=-1` checks --threads): refused before weights load,
+    since torch and the speculative decoder only reject them after the model is in memory."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """UTF-8 text with universal newlines (as text-mode reads give), or a one-line error naming the source:
+    tokenizers need text, and a latin-1 or binary file otherwise fails with a traceback."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LongserveError(
+            f"{source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_bytes(path: str, what: str, limit: int = -1) -> bytes:
+    """The file's first ``limit`` bytes (all by default), or a one-line error naming it and the cause."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise LongserveError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_text(path: str, what: str) -> str:
+    return decode_text(read_bytes(path, what), f"{what} {path}")
+
+
 def read_prompt(args) -> str:
     if args.file:
-        return Path(args.file).read_text()
+        return read_text(args.file, "--file")
     if args.prompt is not None and args.prompt != "-":
+        try:
+            args.prompt.encode("utf-8")  # undecodable argv bytes arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise LongserveError("the prompt argument is not UTF-8 text") from None
         return args.prompt
     if sys.stdin.isatty() and args.prompt is None:
         raise LongserveError("give a prompt as an argument, with --file PATH, or on stdin")
-    return sys.stdin.read()
+    stdin = getattr(sys.stdin, "buffer", None)  # bytes, so a bad encoding is our error, not a traceback
+    return decode_text(stdin.read(), "stdin") if stdin is not None else sys.stdin.read()
+
+
+def check_policy(args) -> None:
+    """The --kv-* flags build a valid policy (cheap; the model is not needed)."""
+    from longserve.kv.policies import make_policy
+
+    kv = policy_kwargs(args)
+    make_policy(kv.pop("kv_policy"), budget=kv.pop("kv_budget"), ratio=kv.pop("kv_ratio"), **kv)
 
 
 def print_stats(stats: dict, out=sys.stderr) -> None:
@@ -94,15 +141,14 @@ def print_stats(stats: dict, out=sys.stderr) -> None:
 
 def cmd_generate(args) -> int:
     from longserve.engine.sampler import SamplingParams
-    from longserve.kv.policies import make_policy
     from longserve.llm import LLM
     from longserve.specprefill.cli import from_args, summary
     from longserve.specprefill.compress import with_stats
 
     # validate everything cheap before loading weights
+    require_positive(threads=args.threads, num_draft_tokens=args.num_draft_tokens)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
-    kv = policy_kwargs(args)
-    make_policy(kv.pop("kv_policy"), budget=kv.pop("kv_budget"), ratio=kv.pop("kv_ratio"), **kv)
+    check_policy(args)
     text = read_prompt(args)
     spec_prefill = from_args(args)
     if spec_prefill and args.draft:
@@ -112,7 +158,7 @@ def cmd_generate(args) -> int:
         dtype=args.dtype,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
-        **({"threads": args.threads} if args.threads else {}),
+        **({"threads": args.threads} if args.threads is not None else {}),
     )
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
     kwargs = dict(
@@ -151,8 +197,13 @@ def cmd_demo(args) -> int:
 def cmd_compress(args) -> int:
     from longserve.llm import LLM
 
+    text = read_text(args.context, "the context file")
+    check_policy(args)
+    out_dir = Path(args.out).parent
+    if not out_dir.is_dir():
+        raise LongserveError(f"cannot write --out {args.out}: {out_dir} is not a directory")
     llm = LLM(args.model)
-    ctx = llm.compress(Path(args.context).read_text(), **policy_kwargs(args))
+    ctx = llm.compress(text, **policy_kwargs(args))
     ctx.save(args.out)
     print(
         f"compressed {ctx.n_context_tokens} tokens -> {ctx.fill} per layer ({_human(ctx.nbytes)}) in {args.out}"
@@ -164,6 +215,8 @@ def cmd_ask(args) -> int:
     from longserve.context import CompressedContext
     from longserve.llm import LLM
 
+    read_bytes(args.context, "the context file", limit=1)  # readable, before the model loads
+    require_positive(max_new_tokens=args.max_new_tokens)
     llm = LLM(args.model)
     ctx = CompressedContext.load(args.context, expected_fingerprint=llm.fingerprint)
     for question in args.question:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,13 +56,33 @@ def load_state(model: CausalLM, path: Path) -> None:
         k.removeprefix("model.language_model.").removeprefix("language_model."): v for k, v in state.items()
     }
     state = {k if k.startswith(("model.", "lm_head.")) else f"model.{k}": v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape: the config and the weights disagree
+        raise CorruptModelError(f"weights in {path} do not fit its config.json: {exc}") from None
     if model.args.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing:
         raise CorruptModelError(
-            f"weights in {path} lack {len(missing)} tensors (e.g. {missing[0]}); re-pull the model"
+            f"weights in {path} lack {len(missing)} tensors ({_some(missing)}); re-pull the model"
         )
+    unexpected = [k for k in unexpected if not _IGNORED_KEYS.search(k)]
+    if unexpected:
+        raise CorruptModelError(
+            f"weights in {path} hold {len(unexpected)} tensors that belong to no part of this "
+            f"{model.args.family} model ({_some(unexpected)}); they are for another architecture or corrupt"
+        )
+
+
+#: Tensors a checkpoint may carry that we deliberately do not load: the vision/projector towers of a
+#: multimodal checkpoint (only its text decoder is served) and RoPE frequencies (rebuilt from the config).
+_IGNORED_KEYS = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.|(^|\.)rotary_emb\.inv_freq$")
+
+
+def _some(keys: list[str], shown: int = 5) -> str:
+    """A few key names for an error message, so a 300-key list stays one readable line."""
+    more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(sorted(keys)[:shown]) + more
 
 
 def eos_ids(path: Path, tokenizer, hf_config) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -38,6 +39,37 @@ def _error(resp, status: int) -> dict:
 def test_invalid_parameters_are_400(server, payload, param):
     err = _error(server.http.post(CHAT, json=payload), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+BAD_SAMPLING = [
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "route, body", [(CHAT, {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})]
+)
+@pytest.mark.parametrize(("bad", "param"), BAD_SAMPLING)
+def test_out_of_range_sampling_is_400_naming_the_field(server, route, body, stream, bad, param):
+    """Python's json writes Infinity/NaN and big ints, as some clients do; none may reach the engine (was 500)."""
+    content = json.dumps({**body, "max_tokens": 2, "stream": stream, **bad})
+    resp = server.http.post(route, content=content, headers={"content-type": "application/json"})
+    err = _error(resp, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+
+
+def test_largest_seed_is_served(server):
+    out = server.client().completions.create(model="tiny-llama", prompt="hi", max_tokens=2, seed=2**63 - 1)
+    assert out.choices[0].text is not None
 
 
 def test_malformed_json_and_bad_prompts_are_400(server):

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 from longserve.errors import InvalidParameterError
+
+#: torch.Generator seeds are 64-bit; the upper half is refused so a seed means the same thing everywhere
+#: (a signed int64 in JSON clients, numpy, C) instead of overflowing deep in the engine thread.
+SEED_LIMIT = 2**63
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (``True`` is an int to Python, never a sensible count or seed)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -23,20 +38,23 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
+            ("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
             (
-                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-                "max_new_tokens must be an integer >= 1",
+                "temperature",
+                _is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+                ">= 0 and finite",
             ),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            ("top_p", _is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            (
+                "seed",
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+                "an integer in [0, 2**63)",
+            ),
         ]
-        for ok, message in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise InvalidParameterError(
-                    f"{message} (got max_new_tokens={self.max_new_tokens}, "
-                    f"temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k})"
-                )
+                raise InvalidParameterError(f"{name} must be {rule} (got {getattr(self, name)!r})")
 
     @property
     def greedy(self) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from longserve.cli import _human, add_policy_args, policy_kwargs
+from longserve.cli import _human, add_policy_args, policy_kwargs, require_positive
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -74,8 +74,7 @@ def cmd_serve(args) -> int:
     # refuse bad combinations before any weights load
     if args.draft and args.prefill_draft:
         raise InvalidParameterError("--prefill-draft and --draft cannot be combined yet; use one of them")
-    if args.num_draft_tokens < 1:
-        raise InvalidParameterError(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    require_positive(threads=args.threads, num_draft_tokens=args.num_draft_tokens)
     if args.prefill_draft and not 0 < args.prefill_keep <= 1:
         raise InvalidParameterError(f"--prefill-keep must be in (0, 1], got {args.prefill_keep}")
 

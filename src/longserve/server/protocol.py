@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from longserve.engine.sampler import SamplingParams
+from longserve.engine.sampler import SEED_LIMIT, SamplingParams
 
 
 class KVPolicySpec(BaseModel):
@@ -46,10 +46,12 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=-1)  # extra; 0 or -1 = off
-    seed: int | None = None
+    # the ranges SamplingParams enforces, checked here so a bad value is a 400 naming its field (JSON
+    # allows Infinity/NaN and integers of any size; an unchecked seed overflowed in the engine thread)
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=-1)  # extra; 0 or -1 = off (vLLM's convention)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
