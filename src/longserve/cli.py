@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_ask)
 
-    for extra in ("eval", "server", "proxy", "distill"):
+    for extra in ("eval", "server", "proxy", "distill", "icl"):
         try:
             module = __import__(f"longserve.{extra}.cli", fromlist=["register"])
         except ImportError:

@@ -33,7 +33,20 @@ def register(sub) -> None:
         "--max-waiting", type=int, default=128, help="queued requests beyond which 429 is returned"
     )
     p.add_argument("--default-max-tokens", type=int, help="max_tokens when a request gives none")
-    p.add_argument("--prefill-chunk", type=int, default=4096)
+    p.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill step when idle")
+    p.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens a prefill step may run while other requests decode (bounds their stalls)",
+    )
+    p.add_argument(
+        "--prefix-cache-memory",
+        help="reuse the KV of repeated prompt prefixes (full policy) within this size, e.g. 1GiB",
+    )
+    p.add_argument(
+        "--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -74,7 +87,17 @@ def cmd_serve(args) -> int:
     # refuse bad combinations before any weights load
     if args.draft and args.prefill_draft:
         raise InvalidParameterError("--prefill-draft and --draft cannot be combined yet; use one of them")
-    require_positive(threads=args.threads, num_draft_tokens=args.num_draft_tokens)
+    require_positive(
+        threads=args.threads,
+        num_draft_tokens=args.num_draft_tokens,
+        max_step_tokens=args.max_step_tokens,
+        max_request_bytes=args.max_request_bytes,
+    )
+    if args.prefix_cache_memory:
+        from longserve.server.kv_plan import parse_kv_memory
+
+        if parse_kv_memory(args.prefix_cache_memory).unit != "bytes":
+            raise InvalidParameterError("--prefix-cache-memory takes a size in bytes, e.g. 1GiB")
     if args.prefill_draft and not 0 < args.prefill_keep <= 1:
         raise InvalidParameterError(f"--prefill-keep must be in (0, 1], got {args.prefill_keep}")
 
@@ -92,6 +115,7 @@ def cmd_serve(args) -> int:
         threads=args.threads,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
+        prefix_cache=args.prefix_cache_memory,
         **policy_kwargs(args),
     )
     spec_prefill = from_args(args)
@@ -105,6 +129,8 @@ def cmd_serve(args) -> int:
         default_max_tokens=args.default_max_tokens,
         api_key=api_key,
         spec_prefill=spec_prefill,
+        max_step_tokens=args.max_step_tokens,
+        max_request_bytes=args.max_request_bytes,
     )
     state = app.state.server
     plan = state.plan
