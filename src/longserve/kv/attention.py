@@ -228,8 +228,6 @@ class DecodeBackend:
         for slot in slots:  # what dense attention reads this step, over all layers
             pool.slots[slot].bytes_read += pool.held_nbytes(slot)
 
-        self._masks: dict[int, torch.Tensor | None] = {}
-
     def _valid(self, layer: int) -> torch.Tensor:
         cap = self.pool.layer_capacity[layer]
         if self.pool.args.layer_windows[layer]:

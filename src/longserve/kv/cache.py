@@ -50,20 +50,27 @@ class KVPool:
         capacity: int,
         max_tokens: int | None = None,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         if n_slots <= 0 or capacity <= 0:
             raise InvalidParameterError("a KV pool needs at least one slot of capacity >= 1")
         self.args, self.n_slots, self.capacity, self.dtype = args, n_slots, capacity, dtype
+        self.device = device = torch.device(device)
         max_tokens = max_tokens or capacity
         self.layer_capacity = [min(w, max_tokens) if w else capacity for w in args.layer_windows]
         shape = (n_slots, args.n_kv_heads)
         # zeros, not empty: masked-out entries still meet V in `probs @ V`, and 0 * NaN garbage is NaN
-        self.k = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
-        self.v = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
-        self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
+        self.k = [
+            torch.zeros(*shape, c, args.head_dim, dtype=dtype, device=device) for c in self.layer_capacity
+        ]
+        self.v = [
+            torch.zeros(*shape, c, args.head_dim, dtype=dtype, device=device) for c in self.layer_capacity
+        ]
+        self.pos = [torch.full((*shape, c), -1, dtype=torch.long, device=device) for c in self.layer_capacity]
         self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
         self.heads: list[torch.Tensor] | None = None  # KV head of each entry of flat slots, made on demand
-        self.page_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Quest's key bounds, on demand
+        # Quest's key bounds per (layer, page size), made on demand
+        self.page_bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.entry_nbytes = 2 * args.n_kv_heads * args.head_dim * self.k[0].element_size()  # one token, K+V
         self.slots: list[SlotState | None] = [None] * n_slots
         self.free_slots = list(range(n_slots - 1, -1, -1))
@@ -91,11 +98,11 @@ class KVPool:
 
     def ensure_scores(self) -> None:
         if self.scores is None:
-            self.scores = [torch.zeros(p.shape, dtype=torch.float32) for p in self.pos]
+            self.scores = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self.pos]
 
     def ensure_heads(self) -> None:
         if self.heads is None:
-            self.heads = [torch.zeros(p.shape, dtype=torch.long) for p in self.pos]
+            self.heads = [torch.zeros(p.shape, dtype=torch.long, device=self.device) for p in self.pos]
 
     @property
     def n_free(self) -> int:

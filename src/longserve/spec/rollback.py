@@ -131,8 +131,9 @@ class SpeculativeSlot:
         if backend is not None and backend.track_scores:
             undo.scores = pool.scores[layer][s].clone()
         if backend is not None and backend.sparse_rows and not pool.args.layer_windows[layer]:
-            kmin, kmax = quest_pages._tables(pool, layer)
-            undo.page = int(index[0]) // self.state.policy.page_size
+            size = self.state.policy.page_size
+            kmin, kmax = quest_pages.page_tables(pool, layer, size)
+            undo.page = int(index[0]) // size
             undo.kmin, undo.kmax = kmin[s, :, undo.page].clone(), kmax[s, :, undo.page].clone()
         return undo
 
@@ -187,7 +188,7 @@ class SpeculativeSlot:
                 if u.scores is not None:
                     pool.scores[u.layer][s] = u.scores
                 if u.page is not None:
-                    kmin, kmax = quest_pages._tables(pool, u.layer)
+                    kmin, kmax = quest_pages.page_tables(pool, u.layer, self.state.policy.page_size)
                     kmin[s, :, u.page], kmax[s, :, u.page] = u.kmin, u.kmax
         _restore_state(self.state, self.states[keep - 1] if keep else self.base)
         self.journal, self.states, self.base = [], [], None
