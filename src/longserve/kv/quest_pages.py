@@ -50,9 +50,9 @@ def ensure(pool: KVPool, slot: int) -> None:
     state.stats["quest_pages"] = True
 
 
-def update(pool: KVPool, layer: int, slots: list[int], index: torch.Tensor, keys: torch.Tensor) -> None:
-    """Fold newly written keys [R, Hkv, D] at entries `index` [R] into their pages' bounds."""
-    for slot, i, k in zip(slots, index.tolist(), keys, strict=True):
+def update(pool: KVPool, layer: int, slots: list[int], index: list[int], keys: torch.Tensor) -> None:
+    """Fold newly written keys [R, Hkv, D] at entries `index` (host ints) into their pages' bounds."""
+    for slot, i, k in zip(slots, index, keys, strict=True):
         size = pool.slots[slot].policy.page_size
         kmin, kmax = page_tables(pool, layer, size)
         page = i // size
@@ -60,8 +60,9 @@ def update(pool: KVPool, layer: int, slots: list[int], index: torch.Tensor, keys
         kmax[slot, :, page] = torch.maximum(kmax[slot, :, page], k.float())
 
 
-def attend(pool: KVPool, layer: int, slot: int, q: torch.Tensor, n_valid: int) -> torch.Tensor:
-    """q [Hkv, G, D] -> [Hkv, G, D], reading only the top pages of each KV head."""
+def attend(pool: KVPool, layer: int, slot: int, q: torch.Tensor, n_valid: int) -> tuple[torch.Tensor, int]:
+    """q [Hkv, G, D] -> ([Hkv, G, D], bytes read minus what dense attention reads), reading only the
+    top pages of each KV head. The caller accounts the bytes (the slot's book-keeping is the pool's)."""
     policy = pool.slots[slot].policy
     page = policy.page_size
     n_pages = math.ceil(n_valid / page)
@@ -80,8 +81,8 @@ def attend(pool: KVPool, layer: int, slot: int, q: torch.Tensor, n_valid: int) -
     out = F.scaled_dot_product_attention(
         q, keys, values, attn_mask=valid[:, None, :], scale=pool.args.scaling
     )
-    state = pool.slots[slot]
     entry = 2 * q.shape[-1] * keys.element_size()
     dense = n_valid * q.shape[0] * entry
-    state.bytes_read += int(valid.sum()) * entry + 2 * n_pages * q.shape[0] * q.shape[-1] * 4 - dense
-    return out
+    # valid entries read, known on the host: n_read - 1 full pages plus the (always read) current page
+    n_entries = q.shape[0] * ((n_read - 1) * page + n_valid - (n_pages - 1) * page)
+    return out, n_entries * entry + 2 * n_pages * q.shape[0] * q.shape[-1] * 4 - dense

@@ -75,6 +75,7 @@ class Policy:
     name: ClassVar[str] = "base"
     decode: ClassVar[str] = "append"
     compresses: ClassVar[bool] = True
+    sparse_decode: ClassVar[bool] = False  # decode reads a query-selected subset of the cache (Quest)
 
     def __post_init__(self) -> None:
         if self.head_adaptive and (not self.compresses or self.decode == "evict" or not self.window):
