@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from longserve.kv import quest_pages
-from longserve.kv.cache import DecodePlan, KVPool
+from longserve.kv.cache import KVPool
+from longserve.kv.plan import DecodePlan
 from longserve.kv.policies import ScoreInputs
 
 

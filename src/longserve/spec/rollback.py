@@ -30,7 +30,8 @@ import torch
 
 from longserve.kv import quest_pages
 from longserve.kv.attention import DecodeBackend, PrefillBackend
-from longserve.kv.cache import DecodePlan, KVPool, SlotState
+from longserve.kv.cache import KVPool, SlotState
+from longserve.kv.plan import DecodePlan
 from longserve.model import CausalLM
 
 
