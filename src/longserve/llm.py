@@ -52,6 +52,7 @@ class LLM:
         loaded: LoadedModel | None = None,
         draft: str | LLM | None = None,
         num_draft_tokens: int = 4,
+        device: str | torch.device | None = None,
         **policy_kwargs,
     ):
         if dtype not in DTYPES:
@@ -59,6 +60,9 @@ class LLM:
         if threads:
             torch.set_num_threads(threads)
         self.loaded = loaded or load(model, dtype=dtype, progress=progress)
+        if device is not None:  # the engine then builds its KV pool where the weights are
+            self.loaded.model.to(device)
+        self.device = next(self.loaded.model.parameters()).device
         self.tokenizer = self.loaded.tokenizer
         self.dtype = DTYPES[dtype]
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
@@ -136,6 +140,7 @@ class LLM:
             max_tokens=self.context_window,
             prefill_chunk=self.prefill_chunk,
             dtype=self.dtype,
+            device=self.device,
         )
 
     def generate(

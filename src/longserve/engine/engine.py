@@ -36,10 +36,13 @@ class LLMEngine:
         max_tokens: int | None = None,
         prefill_chunk: int = 2048,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ):
+        """`device`: where the KV pool and every step tensor live (default: the model's weights')."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype)
+        device = device if device is not None else next(loaded.model.parameters()).device
+        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype, device=device)
         self.runner = ModelRunner(loaded.model, self.pool)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
