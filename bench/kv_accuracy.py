@@ -69,7 +69,7 @@ class FanOut:
         keys, values = torch.cat([pk, k[0]], 1), torch.cat([pv, v[0]], 1)
         key_pos = torch.cat([ppos, self.positions.expand(k.shape[1], -1)], 1)
         for backend in rest:
-            backend._write_global(layer, q[0], keys, values, key_pos)
+            backend.write_global(layer, q[0], keys, values, key_pos)
         return out
 
 

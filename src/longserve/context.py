@@ -100,12 +100,12 @@ class CompressedContext:
         tensors = {}
         for i, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
             tensors[f"k.{i}"], tensors[f"v.{i}"], tensors[f"pos.{i}"] = (
-                k.contiguous(),
-                v.contiguous(),
-                p.contiguous(),
+                k.contiguous().cpu(),
+                v.contiguous().cpu(),
+                p.contiguous().cpu(),
             )
             if self.heads is not None:
-                tensors[f"heads.{i}"] = self.heads[i].contiguous()
+                tensors[f"heads.{i}"] = self.heads[i].contiguous().cpu()
         header = {
             "format_version": FORMAT_VERSION,
             "model_fingerprint": self.model_fingerprint,

@@ -55,6 +55,7 @@ class LLM:
         draft: str | LLM | None = None,
         num_draft_tokens: int = 4,
         prefix_cache: str | int | None = None,
+        device: str | torch.device | None = None,
         **policy_kwargs,
     ):
         if dtype not in DTYPES:
@@ -62,6 +63,9 @@ class LLM:
         if threads:
             torch.set_num_threads(threads)
         self.loaded = loaded or load(model, dtype=dtype, progress=progress)
+        if device is not None:  # the engine then builds its KV pool where the weights are
+            self.loaded.model.to(device)
+        self.device = next(self.loaded.model.parameters()).device
         self.tokenizer = self.loaded.tokenizer
         self.dtype = DTYPES[dtype]
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
@@ -149,6 +153,7 @@ class LLM:
             dtype=self.dtype,
             max_step_tokens=max_step_tokens,
             prefix_cache=self.prefix_cache,
+            device=self.device,
         )
 
     def request(

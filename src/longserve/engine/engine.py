@@ -40,10 +40,13 @@ class LLMEngine:
         dtype: torch.dtype = torch.float32,
         max_step_tokens: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        device: torch.device | str | None = None,
     ):
+        """`device`: where the KV pool and every step tensor live (default: the model's weights')."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype)
+        device = device if device is not None else next(loaded.model.parameters()).device
+        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype, device=device)
         self.runner = ModelRunner(loaded.model, self.pool)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}

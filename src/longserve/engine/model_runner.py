@@ -28,17 +28,20 @@ class ModelRunner:
         final = end == seq.prompt_len
         staging = self.staging.get(seq.seq_id)
         if not final and staging is None and self.needs_staging(seq):
-            staging_pool = KVPool(self.pool.args, 1, seq.prompt_len, dtype=self.pool.dtype)
+            staging_pool = KVPool(
+                self.pool.args, 1, seq.prompt_len, dtype=self.pool.dtype, device=self.pool.device
+            )
             staging = self.staging[seq.seq_id] = (staging_pool, staging_pool.allocate(FullPolicy()))
-        ids = torch.tensor([seq.prompt_ids[start:end]])
+        device = self.pool.device
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
         offset = seq.prefix.next_pos if seq.prefix is not None else 0
         positions = torch.tensor(
             seq.prompt_positions[start:end] if seq.prompt_positions else range(offset + start, offset + end)
-        )
+        )  # on the host: the pool's plan reads the next position from it, then moves it to the device
         backend = PrefillBackend(
             self.pool, seq.slot, positions, final=final, seed=seq.params.seed or 0, staging=staging
         )
-        logits = self.model(ids, positions[None], backend)
+        logits = self.model(ids, backend.positions[None], backend)
         backend.finish()
         seq.prefilled = end
         if final:
@@ -50,9 +53,10 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token for every sequence: their last sampled tokens go in, next-token logits come out."""
-        backend = DecodeBackend(self.pool, [s.slot for s in seqs])
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        logits = self.model(ids, backend.positions[:, None], backend)
+        plan = self.pool.plan_decode([s.slot for s in seqs])
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.pool.device)
+        logits = self.model(ids, plan.positions[:, None], DecodeBackend(self.pool, plan))
+        self.pool.commit(plan)
         for seq in seqs:
             self.record(seq)
         return logits

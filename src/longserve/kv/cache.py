@@ -16,11 +16,13 @@ the same bytes, read as one flat list of `capacity * kv_heads` entries, each tag
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from longserve.errors import InvalidParameterError
+from longserve.kv.plan import DecodePlan, PrefillPlan
 from longserve.kv.policies import Policy
 from longserve.model.config import ModelArgs
 
@@ -50,20 +52,27 @@ class KVPool:
         capacity: int,
         max_tokens: int | None = None,
         dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         if n_slots <= 0 or capacity <= 0:
             raise InvalidParameterError("a KV pool needs at least one slot of capacity >= 1")
         self.args, self.n_slots, self.capacity, self.dtype = args, n_slots, capacity, dtype
+        self.device = device = torch.device(device)
         max_tokens = max_tokens or capacity
         self.layer_capacity = [min(w, max_tokens) if w else capacity for w in args.layer_windows]
         shape = (n_slots, args.n_kv_heads)
         # zeros, not empty: masked-out entries still meet V in `probs @ V`, and 0 * NaN garbage is NaN
-        self.k = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
-        self.v = [torch.zeros(*shape, c, args.head_dim, dtype=dtype) for c in self.layer_capacity]
-        self.pos = [torch.full((*shape, c), -1, dtype=torch.long) for c in self.layer_capacity]
+        self.k = [
+            torch.zeros(*shape, c, args.head_dim, dtype=dtype, device=device) for c in self.layer_capacity
+        ]
+        self.v = [
+            torch.zeros(*shape, c, args.head_dim, dtype=dtype, device=device) for c in self.layer_capacity
+        ]
+        self.pos = [torch.full((*shape, c), -1, dtype=torch.long, device=device) for c in self.layer_capacity]
         self.scores: list[torch.Tensor] | None = None  # H2O's accumulated attention, made on demand
         self.heads: list[torch.Tensor] | None = None  # KV head of each entry of flat slots, made on demand
-        self.page_bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # Quest's key bounds, on demand
+        # Quest's key bounds per (layer, page size), made on demand
+        self.page_bounds: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.entry_nbytes = 2 * args.n_kv_heads * args.head_dim * self.k[0].element_size()  # one token, K+V
         self.slots: list[SlotState | None] = [None] * n_slots
         self.free_slots = list(range(n_slots - 1, -1, -1))
@@ -89,13 +98,145 @@ class KVPool:
         self.free_slots.append(slot)
         self.free_slots.sort(reverse=True)  # lowest slot first keeps a batch contiguous
 
+    # ---- plans -------------------------------------------------------------------------------
+    def plan_prefill(
+        self,
+        slot: int,
+        positions: torch.Tensor,
+        final: bool = True,
+        staging: tuple[KVPool, int] | None = None,
+        compress: bool = True,
+    ) -> PrefillPlan:
+        """Plan `len(positions)` new tokens on top of what the slot (or its staging slot) holds."""
+        state = self.slots[slot]
+        src_pool, src_slot = staging or (self, slot)
+        prefix_fill = src_pool.slots[src_slot].fill
+        total = prefix_fill + len(positions)
+        final_c = final and compress
+        flat_prefix = staging is None and state.flat
+        new_fill = state.policy.kept(total) if final_c and not flat_prefix else total
+        return PrefillPlan(
+            slot,
+            positions.to(self.device),
+            final_c,
+            src_pool,
+            src_slot,
+            state.written,
+            prefix_fill,
+            new_fill,
+            final or staging is None,
+            flat_prefix,
+            final_c and not flat_prefix and state.policy.head_adaptive and new_fill < total,
+            int(positions[-1]) + 1,
+        )
+
+    def plan_decode(self, slots: list[int]) -> DecodePlan:
+        """Decide where each slot's next token goes (append, ring or evict); mutates nothing but
+        Quest's page bounds, which must cover the prompt before the first decode write."""
+        from longserve.kv import quest_pages  # quest_pages reads the pool: import here, not at the top
+
+        states, idx, positions = [], [], []
+        evict_rows, evict_window, evict_limit = [], [], []
+        for row, slot in enumerate(slots):
+            old = self.slots[slot]
+            if old.policy.sparse_decode:
+                quest_pages.ensure(self, slot)
+            state = dataclasses.replace(old, stats=dict(old.stats))
+            policy = state.policy
+            if state.fill < state.limit:
+                idx.append(state.fill)
+                state.fill += 1
+            elif policy.decode == "ring" and state.limit > state.protected:
+                idx.append(state.protected + state.ring_next % (state.limit - state.protected))
+                state.ring_next += 1
+            elif policy.decode == "evict":
+                idx.append(-1)  # chosen per layer and head from the accumulated scores
+                evict_rows.append(row)
+                evict_window.append(policy.window)
+                evict_limit.append(state.limit)
+            else:
+                raise RuntimeError(f"slot {slot} is full ({state.limit}) under policy '{policy.name}'")
+            positions.append(state.next_pos)
+            state.written += 1
+            state.next_pos += 1
+            state.peak_fill = max(state.peak_fill, state.fill)
+            states.append(state)
+        dev = self.device
+
+        def t(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        b = len(slots)
+        held = [self.entry_nbytes * self._held_tokens(slot, s) for slot, s in zip(slots, states, strict=True)]
+        return DecodePlan(
+            slots=slots,
+            slot_index=t(slots),
+            contiguous=slots == list(range(b)),
+            positions=t(positions),
+            global_idx=t(idx),
+            global_valid=t([s.fill for s in states]),
+            sliding_written=t([s.written - 1 for s in states]),
+            evict_rows=t(evict_rows) if evict_rows else None,
+            evict_window=t(evict_window) if evict_rows else None,
+            evict_limit=t(evict_limit) if evict_rows else None,
+            track_scores=self.scores is not None and any(s.policy.decode == "evict" for s in states),
+            sparse_rows=[r for r, s in enumerate(states) if s.policy.sparse_decode],
+            flat_rows=[r for r, s in enumerate(states) if s.flat],
+            index_rows=idx,
+            global_rows=[s.fill for s in states],
+            sliding_rows=[s.written - 1 for s in states],
+            states=states,
+            bytes_read=held,
+        )
+
+    def write_index(self, plan: DecodePlan, layer: int) -> torch.Tensor:
+        """[B, Hkv] entry each row's new token goes to in one layer (evicting rows: the lowest-scored
+        entry outside the recent window, per head)."""
+        b, h = len(plan.slots), self.args.n_kv_heads
+        if self.args.layer_windows[layer]:
+            return (plan.sliding_written % self.layer_capacity[layer])[:, None].expand(b, h)
+        index = plan.global_idx[:, None].expand(b, h).clone()
+        if plan.evict_rows is not None:
+            rows = plan.evict_rows
+            slots = plan.slot_index[rows]
+            scores = self.scores[layer][slots].clone()  # [R, Hkv, C]
+            recent = self.pos[layer][slots] > (plan.positions[rows] - plan.evict_window)[:, None, None]
+            entries = torch.arange(scores.shape[-1], device=self.device)
+            unused = entries[None, None, :] >= plan.evict_limit[:, None, None]
+            scores[recent | unused] = float("inf")
+            index[rows] = scores.argmin(-1)
+        return index
+
+    def commit(self, plan: PrefillPlan | DecodePlan) -> None:
+        """Apply a step's book-keeping once its writes are planned (decode) or done (prefill)."""
+        if isinstance(plan, DecodePlan):
+            for slot, state, nbytes in zip(plan.slots, plan.states, plan.bytes_read, strict=True):
+                target = self.slots[slot]  # updated in place: callers may hold the SlotState
+                for f in dataclasses.fields(SlotState):
+                    setattr(target, f.name, getattr(state, f.name))
+                target.bytes_read += nbytes
+            return
+        state = self.slots[plan.slot]
+        state.written = plan.prefix_written + len(plan.positions)
+        state.next_pos = plan.next_pos
+        if not plan.into_slot:
+            plan.src_pool.slots[plan.src_slot].fill = plan.new_fill
+            return
+        state.fill = plan.new_fill
+        state.flat = state.flat or plan.made_flat
+        state.protected = state.policy.protected_prefix(state.fill)
+        state.ring_next = 0
+        if state.policy.decode != "append":  # a fixed-size policy never outgrows its budget
+            state.limit = min(self.capacity, state.policy.budget or state.fill)
+        state.peak_fill = max(state.peak_fill, state.fill)
+
     def ensure_scores(self) -> None:
         if self.scores is None:
-            self.scores = [torch.zeros(p.shape, dtype=torch.float32) for p in self.pos]
+            self.scores = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self.pos]
 
     def ensure_heads(self) -> None:
         if self.heads is None:
-            self.heads = [torch.zeros(p.shape, dtype=torch.long) for p in self.pos]
+            self.heads = [torch.zeros(p.shape, dtype=torch.long, device=self.device) for p in self.pos]
 
     @property
     def n_free(self) -> int:
@@ -109,12 +250,15 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k) + sum(t.nbytes for t in self.v)
 
-    def layer_len(self, layer: int, slot: int) -> int:
+    def layer_len(self, layer: int, slot: int, state: SlotState | None = None) -> int:
         """Valid entries of a slot in one layer: a sliding layer's ring, else the shared fill."""
-        state = self.slots[slot]
+        state = state or self.slots[slot]
         return (
             min(state.written, self.layer_capacity[layer]) if self.args.layer_windows[layer] else state.fill
         )
+
+    def _held_tokens(self, slot: int, state: SlotState) -> int:
+        return sum(self.layer_len(layer, slot, state) for layer in range(self.args.n_layers))
 
     def tokens_per_layer(self, slot: int) -> list[int]:
         return [self.layer_len(layer, slot) for layer in range(self.args.n_layers)]
@@ -159,8 +303,8 @@ class KVPool:
         )
 
     def flat_entries(
-        self, layer: int, slot: int
+        self, layer: int, slot: int, fill: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The valid entries of a flat slot: `fill * kv_heads` of them."""
-        n = self.slots[slot].fill * self.args.n_kv_heads
+        """The valid entries of a flat slot: `fill * kv_heads` of them (`fill`: a planned step's)."""
+        n = (self.slots[slot].fill if fill is None else fill) * self.args.n_kv_heads
         return tuple(t[:n] for t in self.flat_view(layer, slot))

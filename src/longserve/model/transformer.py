@@ -166,8 +166,10 @@ class CausalLM(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope_kinds = list(rope)
-        # plain attributes, not buffers: the frequencies stay fp32 whatever dtype the weights take
-        self.inv_freq = {kind: inv_freq.float() for kind, (inv_freq, _) in rope.items()}
+        # non-persistent buffers, so `.to(device)` moves them; `_apply` keeps them fp32 whatever dtype
+        # the weights take (bf16 frequencies would shift the phase of far positions)
+        for kind, (inv_freq, _) in rope.items():
+            self.register_buffer(f"inv_freq_{kind}", inv_freq.float(), persistent=False)
         self.rope_scale = {kind: scale for kind, (_, scale) in rope.items()}
         self.layer_rope_index = [self.rope_kinds.index(k) for k in args.layer_rope]
 
@@ -175,7 +177,7 @@ class CausalLM(nn.Module):
         """cos/sin per RoPE kind for positions [B, T], shaped [B, 1, T, D] to broadcast over heads."""
         out = []
         for kind in self.rope_kinds:
-            freqs = positions[..., None].float() * self.inv_freq[kind]
+            freqs = positions[..., None].float() * getattr(self, f"inv_freq_{kind}")
             emb = torch.cat((freqs, freqs), dim=-1)
             scale = self.rope_scale[kind]
             out.append(((emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]))
@@ -184,12 +186,22 @@ class CausalLM(nn.Module):
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, backend) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
         if self.args.gemma_style:
-            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype)
+            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype, device=x.device)
         tables = self.rope(positions, x.dtype)
         for layer, rope_index in zip(self.model.layers, self.layer_rope_index, strict=True):
             cos, sin = tables[rope_index]
             x = layer(x, cos, sin, backend)
         return self.model.norm(x)
+
+    def _apply(self, fn, recurse: bool = True):
+        freqs = {kind: getattr(self, f"inv_freq_{kind}") for kind in self.rope_kinds}
+        super()._apply(fn, recurse)
+        for kind, f in freqs.items():  # follow the device, never the dtype
+            name = f"inv_freq_{kind}"
+            setattr(self, name, f.to(getattr(self, name).device))
+        if any(layer.self_attn.qkv is not None for layer in self.model.layers):
+            self.fuse()  # the fused copies follow the weights to their new device / dtype
+        return self
 
     def fuse(self) -> CausalLM:
         """Concatenate q/k/v and gate/up weights for inference (the separate weights stay for loading

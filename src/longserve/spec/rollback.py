@@ -31,6 +31,7 @@ import torch
 from longserve.kv import quest_pages
 from longserve.kv.attention import DecodeBackend, PrefillBackend
 from longserve.kv.cache import KVPool, SlotState
+from longserve.kv.plan import DecodePlan
 from longserve.model import CausalLM
 
 
@@ -68,8 +69,8 @@ class _SteppedBackend:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         outs = []
         for i, backend in enumerate(self.backends):
-            index = backend._write_index(layer)[0]
-            self.journal[i].append(self.slot._undo_entry(layer, index, backend))
+            index = self.slot.pool.write_index(backend.plan, layer)[0]
+            self.journal[i].append(self.slot.undo_entry(layer, index, backend.plan))
             outs.append(backend.attend(layer, q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]))
         return torch.cat(outs, dim=2)
 
@@ -86,7 +87,7 @@ class SpeculativeSlot:
         self.journal: list[list[_Undo]] = []  # per uncommitted token
         self.states: list[SlotState] = []  # slot book-keeping after each uncommitted token
         self.base: SlotState | None = None  # book-keeping before the first uncommitted token
-        self.heads = torch.arange(pool.args.n_kv_heads)
+        self.heads = torch.arange(pool.args.n_kv_heads, device=pool.device)
         self.block_forwards = self.stepped_forwards = 0
 
     @property
@@ -101,7 +102,7 @@ class SpeculativeSlot:
         """Whether `n` tokens can go through the one-shot PrefillBackend path."""
         state, pool = self.state, self.pool
         policy = state.policy
-        if policy.decode == "evict" or getattr(policy, "sparse_decode", False):
+        if policy.decode == "evict" or policy.sparse_decode:
             return False
         if state.fill + n > pool.capacity:  # a ring slot about to wrap, or no room left
             return False
@@ -119,7 +120,9 @@ class SpeculativeSlot:
             return self._block(ids)
         return self._stepped(ids)
 
-    def _undo_entry(self, layer: int, index: torch.Tensor, backend: DecodeBackend | None) -> _Undo:
+    def undo_entry(self, layer: int, index: torch.Tensor, plan: DecodePlan | None) -> _Undo:
+        """What writing entries `index` [Hkv] of one layer will overwrite (under a decode `plan`, also
+        the H2O scores and Quest page bounds it touches)."""
         pool, s = self.pool, self.slot
         undo = _Undo(
             layer,
@@ -128,11 +131,12 @@ class SpeculativeSlot:
             pool.v[layer][s, self.heads, index].clone(),
             pool.pos[layer][s, self.heads, index].clone(),
         )
-        if backend is not None and backend.track_scores:
+        if plan is not None and plan.track_scores:
             undo.scores = pool.scores[layer][s].clone()
-        if backend is not None and backend.sparse_rows and not pool.args.layer_windows[layer]:
-            kmin, kmax = quest_pages._tables(pool, layer)
-            undo.page = int(index[0]) // self.state.policy.page_size
+        if plan is not None and plan.sparse_rows and not pool.args.layer_windows[layer]:
+            size = self.state.policy.page_size
+            kmin, kmax = quest_pages.page_tables(pool, layer, size)
+            undo.page = plan.index_rows[0] // size
             undo.kmin, undo.kmax = kmin[s, :, undo.page].clone(), kmax[s, :, undo.page].clone()
         return undo
 
@@ -143,29 +147,34 @@ class SpeculativeSlot:
         for layer, window in enumerate(pool.args.layer_windows):
             for i in range(t):
                 entry = (state.written + i) % pool.layer_capacity[layer] if window else state.fill + i
-                journal[i].append(self._undo_entry(layer, torch.full((len(self.heads),), entry), None))
-        positions = torch.arange(state.next_pos, state.next_pos + t)
+                index = torch.full((len(self.heads),), entry, device=pool.device)
+                journal[i].append(self.undo_entry(layer, index, None))
+        positions = torch.arange(state.next_pos, state.next_pos + t, device=pool.device)
         backend = PrefillBackend(pool, self.slot, positions, compress=False)
-        logits = self.model(torch.tensor([ids]), positions[None], backend, last_only=False)[0]
+        ids_t = torch.tensor([ids], device=pool.device)
+        logits = self.model(ids_t, positions[None], backend, last_only=False)[0]
         backend.finish()
         # the book-keeping after each token is what plain decode steps would have left
         _restore_state(state, before)
         for _ in range(t):
-            DecodeBackend(pool, [self.slot])
-            self.states.append(snapshot(state))
+            pool.commit(pool.plan_decode([self.slot]))
+            self.states.append(snapshot(self.state))
         self.journal.extend(journal)
         self.block_forwards += 1
         return logits
 
     def _stepped(self, ids: list[int]) -> torch.Tensor:
         backends = []
-        for _ in ids:
-            backends.append(DecodeBackend(self.pool, [self.slot]))  # advances the slot by one token
+        for _ in ids:  # each token's plan is committed before the next is planned: the slot advances
+            plan = self.pool.plan_decode([self.slot])
+            self.pool.commit(plan)
+            backends.append(DecodeBackend(self.pool, plan))
             self.states.append(snapshot(self.state))
         journal: list[list[_Undo]] = [[] for _ in ids]
         positions = torch.cat([b.positions for b in backends])
+        ids_t = torch.tensor([ids], device=self.pool.device)
         logits = self.model(
-            torch.tensor([ids]), positions[None], _SteppedBackend(self, backends, journal), last_only=False
+            ids_t, positions[None], _SteppedBackend(self, backends, journal), last_only=False
         )[0]
         self.journal.extend(journal)
         self.stepped_forwards += 1
@@ -187,7 +196,7 @@ class SpeculativeSlot:
                 if u.scores is not None:
                     pool.scores[u.layer][s] = u.scores
                 if u.page is not None:
-                    kmin, kmax = quest_pages._tables(pool, u.layer)
+                    kmin, kmax = quest_pages.page_tables(pool, u.layer, self.state.policy.page_size)
                     kmin[s, :, u.page], kmax[s, :, u.page] = u.kmin, u.kmax
         _restore_state(self.state, self.states[keep - 1] if keep else self.base)
         self.journal, self.states, self.base = [], [], None

@@ -42,8 +42,9 @@ class ScoreInputs:
         hkv, length, _ = self.keys.shape
         qg = q.reshape(hkv, self.group_size * tq, d)
         logits = (qg @ self.keys.transpose(1, 2)).float() * self.scaling  # [Hkv, G*Tq, L]
-        q_pos = torch.arange(length - tq, length).repeat(self.group_size)
-        causal = torch.arange(length)[None, :] <= q_pos[:, None]
+        dev = self.keys.device
+        q_pos = torch.arange(length - tq, length, device=dev).repeat(self.group_size)
+        causal = torch.arange(length, device=dev)[None, :] <= q_pos[:, None]
         logits = logits.masked_fill(~causal, float("-inf"))
         probs = logits.softmax(-1).view(hkv, self.group_size, tq, length)
         return probs.mean(1)
@@ -75,6 +76,7 @@ class Policy:
     name: ClassVar[str] = "base"
     decode: ClassVar[str] = "append"
     compresses: ClassVar[bool] = True
+    sparse_decode: ClassVar[bool] = False  # decode reads a query-selected subset of the cache (Quest)
 
     def __post_init__(self) -> None:
         if self.head_adaptive and (not self.compresses or self.decode == "evict" or not self.window):
@@ -130,7 +132,7 @@ class Policy:
         hkv, length, _ = inputs.keys.shape
         scores = self.score(inputs).float()
         scores = scores.clone() if scores.shape == (hkv, length) else scores.expand(hkv, length).clone()
-        forced = torch.zeros(length, dtype=torch.bool)
+        forced = torch.zeros(length, dtype=torch.bool, device=inputs.keys.device)
         forced[: self.n_sink] = True
         if self.window:
             forced[max(0, length - self.window) :] = True
@@ -156,7 +158,8 @@ class Policy:
             scores.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
         flat = scores.flatten().topk(share * hkv).indices.sort().values  # head-major, then position
         heads, tokens = flat // middle, flat % middle
-        recent = torch.arange(middle, length)
-        heads = torch.cat([heads, torch.arange(hkv).repeat(n_window)])
+        dev = inputs.keys.device
+        recent = torch.arange(middle, length, device=dev)
+        heads = torch.cat([heads, torch.arange(hkv, device=dev).repeat(n_window)])
         tokens = torch.cat([tokens, recent.repeat_interleave(hkv)])
         return heads, tokens

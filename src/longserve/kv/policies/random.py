@@ -15,4 +15,4 @@ class RandomPolicy(Policy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         gen = torch.Generator().manual_seed(inputs.seed * 1009 + inputs.layer)
-        return torch.rand(inputs.keys.shape[:2], generator=gen)
+        return torch.rand(inputs.keys.shape[:2], generator=gen).to(inputs.keys.device)  # same draws anywhere
