@@ -25,20 +25,14 @@ class Generation:
         self,
         target: LLM,
         prompts: Prompt | list[Prompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        keep: float | None = None,
+        sampling: SamplingParams | None = None,
         kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
+        keep: float | None = None,
+        **options,
     ) -> list[Completion]:
         """Compress each prompt, then decode them together on the target (any KV policy still applies).
-        `stats["ttft_s"]` includes the compression; `stats["target_ttft_s"]` is the target's alone."""
+        `options` as in `LLM.request()`. `stats["ttft_s"]` includes the compression;
+        `stats["target_ttft_s"]` is the target's alone."""
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)
         )
@@ -46,40 +40,19 @@ class Generation:
         if not batch:
             return []
         compressed = [self.compress(target, p, keep=keep) for p in batch]
-        return self.generate_compressed(
-            target,
-            compressed,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop,
-            kv_policy,
-            kv_budget,
-            kv_ratio,
-            **policy_kwargs,
-        )
+        return self.generate_compressed(target, compressed, sampling, kv_policy, **options)
 
     def generate_compressed(
         self,
         target: LLM,
         compressed: list[CompressedPrompt],
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
+        sampling: SamplingParams | None = None,
         kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
+        **options,
     ) -> list[Completion]:
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        requests = [self.request_ids(target, cp, max_new_tokens) for cp in compressed]
-        capacity = max(policy.capacity(len(ids), max_new_tokens) for ids, _ in requests)
+        params, policy = target.request(sampling, kv_policy, **options)
+        requests = [self.request_ids(target, cp, params.max_new_tokens) for cp in compressed]
+        capacity = max(policy.capacity(len(ids), params.max_new_tokens) for ids, _ in requests)
         engine = target.engine(min(len(requests), target.max_batch_size), capacity)
         seqs = [engine.add_request(ids, params, policy, positions=pos) for ids, pos in requests]
         while engine.has_unfinished():
@@ -93,25 +66,17 @@ class Generation:
         self,
         target: LLM,
         prompt: Prompt,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-        keep: float | None = None,
+        sampling: SamplingParams | None = None,
         kv_policy=None,
-        kv_budget: int | None = None,
-        kv_ratio: float | None = None,
-        **policy_kwargs,
+        keep: float | None = None,
+        **options,
     ) -> Iterator[StepOutput]:
         """Yield text pieces; every output's `seq.spec_prefill` holds the compression stats (for the CLI:
         `with_stats(out.seq.stats(), out.seq.spec_prefill)`)."""
         cp = self.compress(target, prompt, keep=keep)
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, list(stop or []))
-        policy = target.policy(kv_policy, kv_budget, kv_ratio, **policy_kwargs)
-        ids, positions = self.request_ids(target, cp, max_new_tokens)
-        engine = target.engine(1, policy.capacity(len(ids), max_new_tokens))
+        params, policy = target.request(sampling, kv_policy, **options)
+        ids, positions = self.request_ids(target, cp, params.max_new_tokens)
+        engine = target.engine(1, policy.capacity(len(ids), params.max_new_tokens))
         seq = engine.add_request(ids, params, policy, positions=positions)
         seq.spec_prefill = cp
         while engine.has_unfinished():
