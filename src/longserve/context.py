@@ -76,7 +76,6 @@ class CompressedContext:
         )
 
     def load_into(self, pool: KVPool, slot: int) -> None:
-        state = pool.slots[slot]
         for layer, (k, v, p) in enumerate(zip(self.keys, self.values, self.positions, strict=True)):
             n = k.shape[1]
             if self.heads is not None:
@@ -88,10 +87,7 @@ class CompressedContext:
             pool.k[layer][slot, :, :n] = k
             pool.v[layer][slot, :, :n] = v
             pool.pos[layer][slot, :, :n] = p
-        state.flat = self.heads is not None
-        state.fill, state.written, state.next_pos = self.fill, self.written, self.next_pos
-        state.protected = self.fill
-        state.peak_fill = self.fill
+        pool.commit_loaded(slot, self.fill, self.written, self.next_pos, flat=self.heads is not None)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -43,3 +43,17 @@ def test_fused_weights_follow_training_and_are_dropped_when_stale():
     torch.testing.assert_close(changed, refused)
     with torch.enable_grad():
         assert not model.model.layers[0].mlp.gate_up.usable()  # training uses the originals
+
+
+def test_to_moves_rope_tables_keeps_them_fp32_and_refuses():
+    import copy
+
+    loaded, _ = tiny_loaded("gemma3")  # two RoPE kinds
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    freqs = dict(model.named_buffers())
+    assert {n for n in freqs if "inv_freq" in n} == {f"inv_freq_{k}" for k in model.rope_kinds}
+    assert all(f.dtype == torch.float32 for f in freqs.values())  # bf16 would shift far positions
+    assert not any("inv_freq" in k for k in model.state_dict())  # not persistent: checkpoints unchanged
+    qkv = model.model.layers[0].self_attn.qkv
+    with torch.no_grad():
+        assert qkv.weight.dtype == torch.bfloat16 and qkv.usable()  # the fused copy followed the weights

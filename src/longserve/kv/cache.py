@@ -230,6 +230,13 @@ class KVPool:
             state.limit = min(self.capacity, state.policy.budget or state.fill)
         state.peak_fill = max(state.peak_fill, state.fill)
 
+    def commit_loaded(self, slot: int, fill: int, written: int, next_pos: int, flat: bool) -> None:
+        """Book-keeping of a slot whose entries were copied in (a stored compressed context): the loaded
+        prefix is protected from the ring, like a compressed prompt's selection."""
+        state = self.slots[slot]
+        state.flat, state.fill, state.written, state.next_pos = flat, fill, written, next_pos
+        state.protected = state.peak_fill = fill
+
     def ensure_scores(self) -> None:
         if self.scores is None:
             self.scores = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self.pos]
