@@ -230,20 +230,22 @@ _CALLS: list[tuple[str, str, Callable[[random.Random], dict]]] = [
         "Please book a table for {people} at {restaurant} on {day}.",
         lambda r: {
             "people": r.randint(1, 12),
-            "restaurant": r.choice(["Luigi", "Sakura", "Le Coq", "Taj", "Nordic"]),
-            "day": r.choice(["Monday", "Friday", "Sunday", "Tuesday"]),
+            "restaurant": r.choice(
+                ["Luigi", "Sakura", "Le Coq", "Taj", "Nordic", "Casa Rosa", "Blue Fin", "Olive"]
+            ),
+            "day": r.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]),
         },
     ),
     (
         "set_alarm",
         "Wake me up at {hour}:{minute:02d} tomorrow.",
-        lambda r: {"hour": r.randint(5, 11), "minute": r.choice([0, 15, 30, 45])},
+        lambda r: {"hour": r.randint(5, 11), "minute": r.choice([0, 10, 15, 20, 30, 40, 45, 50])},
     ),
     (
         "get_weather",
         "What is the weather in {city} on {day}?",
         lambda r: {
-            "city": r.choice(["Oslo", "Lima", "Cairo", "Perth", "Quito"]),
+            "city": r.choice(["Oslo", "Lima", "Cairo", "Perth", "Quito", "Hanoi", "Dakar", "Riga", "Porto"]),
             "day": r.choice(["Monday", "Friday", "Sunday"]),
         },
     ),
