@@ -40,8 +40,10 @@ class CompressedContext:
 
     @classmethod
     def from_slot(
-        cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int
+        cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int, copy: bool = True
     ) -> CompressedContext:
+        """The slot's entries, copied (or, with `copy=False` on a per-head slot, views of the pool that
+        the next step overwrites: for a caller that copies what it keeps at once)."""
         state = pool.slots[slot]
         if state.flat:  # stored as [Hkv, fill] blocks of the flat entry list, with each entry's head
             if any(pool.args.layer_windows):
@@ -70,9 +72,9 @@ class CompressedContext:
             state.next_pos,
             state.written,
             state.fill,
-            [k.clone() for k, _, _ in entries],
-            [v.clone() for _, v, _ in entries],
-            [p.clone() for _, _, p in entries],
+            [k.clone() if copy else k for k, _, _ in entries],
+            [v.clone() if copy else v for _, v, _ in entries],
+            [p.clone() if copy else p for _, _, p in entries],
         )
 
     def load_into(self, pool: KVPool, slot: int) -> None:

@@ -140,7 +140,7 @@ class LLMEngine:
             if logits is None:
                 return []
             if seq.cache_ids is not None:
-                self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq))
+                self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq, copy=False))  # insert copies
             return self.emit(step.seqs, logits)
         seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
         return self.emit(seqs, self.runner.decode(seqs))
@@ -165,23 +165,25 @@ class LLMEngine:
             seq.prefix, seq.cached_tokens, seq.prompt_ids = prefix, n, seq.cache_ids[n:]
         return seq.prompt_len
 
-    def snapshot(self, seq: Sequence) -> CompressedContext:
-        """A copy of the KV a running sequence holds (prompt, and output so far)."""
+    def snapshot(self, seq: Sequence, copy: bool = True) -> CompressedContext:
+        """The KV a running sequence holds (prompt, and output so far); `copy=False`: views of its slot."""
         record = {"name": seq.policy.name}
-        return CompressedContext.from_slot(
-            self.pool, seq.slot, "", record, seq.prompt_len + seq.cached_tokens
-        )
+        n_tokens = seq.prompt_len + seq.cached_tokens
+        return CompressedContext.from_slot(self.pool, seq.slot, "", record, n_tokens, copy=copy)
 
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per sequence from `logits` [B, V] and append it."""
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [self.append_tokens(seq, [token])[0] for seq, token in zip(seqs, tokens, strict=True)]
+        return [self._append(seq, [token])[0] for seq, token in zip(seqs, tokens, strict=True)]
 
     def append_tokens(self, seq: Sequence, ids: list[int]) -> list[StepOutput]:
         """Append tokens chosen outside the sampler (speculative verification accepted them) as if they
         had been generated one by one: detokenized, checked for EOS, stop strings and length; stops at
         the token that finishes the sequence."""
-        self.runner.record(seq)
+        self.runner.record(seq)  # the caller's own forward changed the slot
+        return self._append(seq, ids)
+
+    def _append(self, seq: Sequence, ids: list[int]) -> list[StepOutput]:
         now = time.perf_counter()
         outputs = []
         for token in ids:

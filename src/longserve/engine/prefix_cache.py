@@ -67,7 +67,8 @@ class PrefixCache:
         return None, 0
 
     def insert(self, ids: list[int], ctx: CompressedContext) -> None:
-        """Cache the full blocks of a prefilled prompt (`ctx` holds its KV in order, position i at i)."""
+        """Cache the full blocks of a prefilled prompt (`ctx` holds its KV in order, position i at i; it
+        may be views of a slot: what is kept is copied)."""
         hashes = self.block_hashes(ids[: ctx.fill])
         if not hashes:
             return
