@@ -97,17 +97,20 @@ class ManyShot:
     def query(example: Example) -> str:
         return f"Input: {example.input}\nOutput:"
 
-    def split(self, block: str, query: str) -> tuple[list[int], list[int]]:
-        """Token ids of (the demonstration block, the query): the block is the reusable prefix."""
+    def block_ids(self, block: str) -> list[int]:
+        """Token ids of the demonstration block: the reusable prefix, the same for every query."""
         if self.chat:
-            return self.llm.split_chat(block, query)
-        tok = self.llm.tokenizer
-        return tok.encode(block + "\n\n", add_special_tokens=True), tok.encode(
-            query, add_special_tokens=False
-        )
+            return self.llm.split_chat(block, "")[0]
+        return self.llm.tokenizer.encode(block + "\n\n", add_special_tokens=True)
+
+    def query_ids(self, query: str) -> list[int]:
+        """Token ids of one query after the block (in chat form: the rest of the user turn)."""
+        if self.chat:
+            return self.llm.split_chat("", query)[1]
+        return self.llm.tokenizer.encode(query, add_special_tokens=False)
 
     def block_tokens(self, demos: list[Example]) -> int:
-        return len(self.split(self.block(demos), "")[0])
+        return len(self.block_ids(self.block(demos)))
 
     def answer(self, head: list[int], tail: list[int], ctx=None, **policy):
         """One query's completion: on top of a reused block `ctx`, or with the block re-prefilled."""
@@ -148,12 +151,11 @@ class ManyShot:
         if config.dynamic:
             return self._run_dynamic(pool, test, config, progress)
         demos = self.demos_for(pool, config, self.centroid(test))
-        block = self.block(demos)
-        n_block = self.block_tokens(demos)
+        head = self.block_ids(self.block(demos))  # tokenized once; each query adds only its own ids
+        n_block = len(head)
         if n_block + self.task.max_new_tokens + 64 > self.llm.context_window:
             return ShotResult(config, [], n_block, 0.0, 0, fits=False)
         policy = {"kv_policy": config.kv_policy, "kv_ratio": config.kv_ratio}
-        head, _ = self.split(block, "")
         ctx, prefill_s = None, 0.0
         if config.reuse:
             start = time.perf_counter()
@@ -161,7 +163,7 @@ class ManyShot:
             prefill_s = time.perf_counter() - start
         results = []
         for ex in tqdm(test, disable=not progress, desc=config.label, unit="query"):
-            head, tail = self.split(block, self.query(ex))
+            tail = self.query_ids(self.query(ex))
             out = self.answer(head, tail, ctx) if ctx is not None else self.answer(head, tail, **policy)
             results.append(self._result(ex, out))
         return ShotResult(config, results, n_block, prefill_s, ctx.nbytes if ctx is not None else 0)
@@ -173,7 +175,7 @@ class ManyShot:
         for ex in tqdm(test, disable=not progress, desc=config.label, unit="query"):
             anchor = self.embed([ex.input])[0] if self.embed is not None else None
             demos = self.demos_for(pool, config, anchor)
-            head, tail = self.split(self.block(demos), self.query(ex))
+            head, tail = self.block_ids(self.block(demos)), self.query_ids(self.query(ex))
             blocks.append(len(head))
             out = self.answer(head, tail, kv_policy=config.kv_policy, kv_ratio=config.kv_ratio)
             results.append(self._result(ex, out))
@@ -195,11 +197,10 @@ class ManyShot:
     ) -> list[Example]:
         """Reinforced ICL: answer each input with the model (given `seed_demos`), keep the correct
         answers as new demonstrations (the model's own output, which the checker accepted)."""
-        block = self.block(seed_demos)
+        head = self.block_ids(self.block(seed_demos))
         kept = []
         for ex in tqdm(unlabelled, disable=not progress, desc="reinforce", unit="input"):
-            head, tail = self.split(block, self.query(ex))
-            text = self.answer(head, tail).text
+            text = self.answer(head, self.query_ids(self.query(ex))).text
             if self.task.check(text, ex)[0]:
                 kept.append(Example(ex.input, text.strip().splitlines()[0].strip(), ex.label))
         return kept
