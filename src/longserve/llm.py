@@ -73,12 +73,9 @@ class LLM:
         make_policy(kv_policy, budget=kv_budget, ratio=kv_ratio, **policy_kwargs)  # fail early on bad input
         self.prefix_cache = None  # KV of earlier prompts' prefixes, reused across calls (`full` policy)
         if prefix_cache:
-            from longserve.server.kv_plan import parse_kv_memory
+            from longserve.server.kv_plan import parse_byte_size
 
-            size = parse_kv_memory(prefix_cache)
-            if size.unit != "bytes":
-                raise InvalidParameterError("prefix_cache takes a size in bytes, e.g. '1GiB' or 512000000")
-            self.prefix_cache = PrefixCache(size.amount, self.fingerprint)
+            self.prefix_cache = PrefixCache(parse_byte_size(prefix_cache, "prefix_cache"), self.fingerprint)
         self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
         if draft is not None:
             from longserve.spec import SpeculativeDecoder

@@ -8,15 +8,7 @@ from longserve.coe.experts import Expert
 from longserve.coe.router import Route, Router
 from longserve.coe.tiers import ModelTiers, default_load
 from longserve.errors import InvalidParameterError
-
-
-def parse_bytes(value: str | int) -> int:
-    from longserve.server.kv_plan import parse_kv_memory
-
-    size = parse_kv_memory(value)
-    if size.unit != "bytes":
-        raise InvalidParameterError(f"a weight budget is a size in bytes (e.g. 4GiB), got {value!r}")
-    return size.amount
+from longserve.server.kv_plan import parse_byte_size
 
 
 class CoE:
@@ -37,7 +29,7 @@ class CoE:
         router_name = router or self.experts[0].name
         for e in self.experts:
             e.pinned = e.pinned or e.name == router_name
-        self.tiers = ModelTiers(self.experts, parse_bytes(max_weight_memory), load)
+        self.tiers = ModelTiers(self.experts, parse_byte_size(max_weight_memory, "max_weight_memory"), load)
         self.margin, self._router, self.router_name = margin, None, router_name
 
     @property

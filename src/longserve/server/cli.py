@@ -94,10 +94,9 @@ def cmd_serve(args) -> int:
         max_request_bytes=args.max_request_bytes,
     )
     if args.prefix_cache_memory:
-        from longserve.server.kv_plan import parse_kv_memory
+        from longserve.server.kv_plan import parse_byte_size
 
-        if parse_kv_memory(args.prefix_cache_memory).unit != "bytes":
-            raise InvalidParameterError("--prefix-cache-memory takes a size in bytes, e.g. 1GiB")
+        parse_byte_size(args.prefix_cache_memory, "--prefix-cache-memory")
     if args.prefill_draft and not 0 < args.prefill_keep <= 1:
         raise InvalidParameterError(f"--prefill-keep must be in (0, 1], got {args.prefill_keep}")
 

@@ -60,6 +60,14 @@ def parse_kv_memory(value: str | int) -> KVMemory:
     return KVMemory(amount, "tokens" if tokens else "bytes")
 
 
+def parse_byte_size(value: str | int, what: str) -> int:
+    """A size in bytes (`1GiB`, `512MB`, an int) for `what` (a flag or parameter name); tokens refused."""
+    size = parse_kv_memory(value)
+    if size.unit != "bytes":
+        raise InvalidParameterError(f"{what} takes a size in bytes (e.g. 1GiB), got {value!r}")
+    return size.amount
+
+
 def slot_capacity(policy: Policy, max_model_len: int) -> int:
     """Tokens one slot must hold so any admissible request under `policy` fits."""
     return max_model_len if policy.decode == "append" else policy.capacity(max_model_len, 0)
