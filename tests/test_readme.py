@@ -69,6 +69,16 @@ def check_many_shot(block: str, ns: dict, printed: str) -> None:
     assert 0 <= accuracy <= 1 and reused < 40 and again > reused + 16 * 5
 
 
+def check_new_policy(block: str, ns: dict, printed: str) -> None:
+    """Both made-up policies run through the engine and hold exactly the uniform budget of 128 tokens;
+    the wrapper's own parameter is recorded next to the wrapped policy's."""
+    lines = printed.strip().splitlines()
+    assert len(lines) == 2 and "'name': 'vnorm'" in lines[0] and "'weight': 0.5" in lines[1]
+    budget = ns["llm"].generate(ns["prompt"], max_new_tokens=8, kv_policy="snapkv", kv_budget=128)[0]
+    sizes = {int(line.rsplit(" ", 1)[1]) for line in lines}
+    assert sizes == {budget.stats["kv_bytes_allocated"]}
+
+
 #: Each example's check, found by a line that only that example has.
 CHECKS: dict[str, Callable[[str, dict, str], None]] = {
     "head_adaptive=True": check_head_adaptive,
@@ -77,6 +87,7 @@ CHECKS: dict[str, Callable[[str, dict, str], None]] = {
     "SamplingParams(max_new_tokens=8": check_sampling_params,
     'prefix_cache="256MiB"': check_prefix_cache,
     "ShotConfig(16)": check_many_shot,
+    "class Recency(PolicyWrapper)": check_new_policy,
 }
 
 

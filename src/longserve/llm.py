@@ -246,8 +246,9 @@ class LLM:
         engine = self.engine(1, policy.capacity(len(ids), 1))
         seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), policy)
         engine.prefill(seq)
-        record = {"name": policy.name, **{k: v for k, v in asdict(policy).items()}}
-        ctx = CompressedContext.from_slot(engine.pool, seq.slot, self.fingerprint, record, len(ids))
+        ctx = CompressedContext.from_slot(
+            engine.pool, seq.slot, self.fingerprint, policy.describe(), len(ids)
+        )
         engine.abort(seq.request_id)
         return ctx
 

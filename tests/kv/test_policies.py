@@ -8,7 +8,9 @@ from longserve.kv.policies import REGISTRY, make_policy
 from longserve.llm import LLM
 from tests.tiny import tiny_loaded
 
-COMPRESSING = ["streaming", "snapkv", "sage", "snapstream", "h2o", "knorm", "random"]
+#: Every registered policy that evicts at prefill: a new policy is tested by registering it.
+COMPRESSING = [name for name, cls in REGISTRY.items() if cls.compresses]
+SPARSE = [name for name, cls in REGISTRY.items() if cls.sparse_decode]
 
 
 def prompt(seed, n):
@@ -31,11 +33,11 @@ def llm():
     return LLM(loaded=loaded)
 
 
-@pytest.mark.parametrize("name", [*COMPRESSING, "quest"])
+@pytest.mark.parametrize("name", [*COMPRESSING, *SPARSE])
 def test_budget_at_least_prompt_equals_full(llm, name):
     ids = prompt(0, 40)
     full = run(llm, ids, make_policy("full"))
-    other = run(llm, ids, make_policy(name, budget=64, **({"window": 8} if name != "quest" else {})))
+    other = run(llm, ids, make_policy(name, budget=64, **({"window": 8} if name not in SPARSE else {})))
     assert other.output_ids == full.output_ids
 
 
@@ -46,7 +48,7 @@ def test_cache_bytes_equal_budget(llm, name):
     seq = run(llm, ids, policy, n=10)
     args = llm.loaded.args
     per_token = args.kv_bytes_per_token()
-    fixed = policy.decode in ("ring", "evict")
+    fixed = policy.decode.fixed_size
     expected_tokens = 48 if fixed else 48 + 10
     assert seq.kv_bytes_allocated == expected_tokens * per_token  # the slot tensors are that small
     assert seq.kv_bytes_peak <= expected_tokens * per_token
@@ -142,18 +144,14 @@ def test_bad_policy_parameters(kwargs, message):
         make_policy(kwargs.pop("name"), **kwargs)
 
 
-def test_registry_lists_all_policies():
-    assert set(REGISTRY) == {
-        "full",
-        "streaming",
-        "snapkv",
-        "sage",
-        "snapstream",
-        "h2o",
-        "quest",
-        "knorm",
-        "random",
-    }
+def test_registry_names_match_classes_and_round_trip():
+    assert {"full", "streaming", "snapkv", "sage", "snapstream", "h2o", "quest", "knorm", "random"} <= set(
+        REGISTRY
+    )
+    for name, cls in REGISTRY.items():
+        assert cls.name == name
+        policy = make_policy(name, budget=64) if cls.compresses or cls.sparse_decode else make_policy(name)
+        assert make_policy(**policy.describe()) == policy
 
 
 def test_quest_reads_fewer_bytes_but_holds_all(llm):

@@ -54,7 +54,7 @@ def assert_same_cache(pool_a, slot_a, pool_b, slot_b):
         assert torch.equal(
             pool_a.pos[layer][slot_a, :, :n], pool_b.pos[layer][slot_b, :, :n]
         )  # stale ones too
-        if pool_a.scores is not None and sa.policy.decode == "evict":
+        if pool_a.scores is not None and sa.policy.decode.accumulates_scores:
             torch.testing.assert_close(
                 pool_a.scores[layer][slot_a, :, : sa.fill],
                 pool_b.scores[layer][slot_b, :, : sb.fill],
@@ -73,7 +73,7 @@ def test_random_rejections_leave_the_cache_of_a_plain_run(family, name, kwargs):
     plain, plain_seq = prefilled(target, ids, n_new, policy)
     decode_plain(plain, plain_seq, tokens)
 
-    slack = 8 if policy.decode == "append" else 0  # ring/evict capacity must match: it sets the wrap point
+    slack = 0 if policy.decode.fixed_size else 8  # ring/evict capacity must match: it sets the wrap point
     spec, spec_seq = prefilled(target, ids, n_new, policy, slack)
     slot = SpeculativeSlot(target.loaded.model, spec.pool, spec_seq.slot)
     rng = random.Random(0)

@@ -129,7 +129,7 @@ class PrefillBackend:
         pool, slot = (self.pool, self.slot) if plan.into_slot else (self.src_pool, self.src_slot)
         total = keys.shape[1]
         n_keep = policy.kept(total) if plan.final else total
-        needs_scores = policy.decode == "evict"
+        needs_scores = policy.decode.accumulates_scores
         scores = None
         if n_keep < total or needs_scores:
             inputs = ScoreInputs(layer, q, keys, values, key_pos[0], pool.args.scaling, self.seed)

@@ -24,6 +24,7 @@ import torch
 from longserve.errors import InvalidParameterError
 from longserve.kv.plan import DecodePlan, PrefillPlan
 from longserve.kv.policies import Policy
+from longserve.kv.policies.strategy import BY_SCORE
 from longserve.model.config import ModelArgs
 
 
@@ -85,7 +86,7 @@ class KVPool:
         self.slots[slot] = SlotState(policy, limit=self.capacity)
         for pos in self.pos:
             pos[slot].fill_(-1)
-        if policy.decode == "evict":
+        if policy.decode.accumulates_scores:
             self.ensure_scores()
             for s in self.scores:
                 s[slot].zero_()
@@ -131,8 +132,9 @@ class KVPool:
         )
 
     def plan_decode(self, slots: list[int]) -> DecodePlan:
-        """Decide where each slot's next token goes (append, ring or evict); mutates nothing but
-        Quest's page bounds, which must cover the prompt before the first decode write."""
+        """Decide where each slot's next token goes (the next free entry, or what the policy's decode
+        strategy picks in a full slot); mutates nothing but Quest's page bounds, which must cover the
+        prompt before the first decode write."""
         from longserve.kv import quest_pages  # quest_pages reads the pool: import here, not at the top
 
         states, idx, positions = [], [], []
@@ -143,19 +145,16 @@ class KVPool:
                 quest_pages.ensure(self, slot)
             state = dataclasses.replace(old, stats=dict(old.stats))
             policy = state.policy
+            entry = state.fill if state.fill < state.limit else policy.decode.full_slot_entry(state)
+            if entry is None:
+                raise RuntimeError(f"slot {slot} is full ({state.limit}) under policy '{policy.name}'")
             if state.fill < state.limit:
-                idx.append(state.fill)
                 state.fill += 1
-            elif policy.decode == "ring" and state.limit > state.protected:
-                idx.append(state.protected + state.ring_next % (state.limit - state.protected))
-                state.ring_next += 1
-            elif policy.decode == "evict":
-                idx.append(-1)  # chosen per layer and head from the accumulated scores
+            elif entry == BY_SCORE:  # chosen per layer and head from the accumulated scores
                 evict_rows.append(row)
                 evict_window.append(policy.window)
                 evict_limit.append(state.limit)
-            else:
-                raise RuntimeError(f"slot {slot} is full ({state.limit}) under policy '{policy.name}'")
+            idx.append(entry)
             positions.append(state.next_pos)
             state.written += 1
             state.next_pos += 1
@@ -179,7 +178,7 @@ class KVPool:
             evict_rows=t(evict_rows) if evict_rows else None,
             evict_window=t(evict_window) if evict_rows else None,
             evict_limit=t(evict_limit) if evict_rows else None,
-            track_scores=self.scores is not None and any(s.policy.decode == "evict" for s in states),
+            track_scores=self.scores is not None and any(s.policy.decode.accumulates_scores for s in states),
             sparse_rows=[r for r, s in enumerate(states) if s.policy.sparse_decode],
             flat_rows=[r for r, s in enumerate(states) if s.flat],
             index_rows=idx,
@@ -226,7 +225,7 @@ class KVPool:
         state.flat = state.flat or plan.made_flat
         state.protected = state.policy.protected_prefix(state.fill)
         state.ring_next = 0
-        if state.policy.decode != "append":  # a fixed-size policy never outgrows its budget
+        if state.policy.decode.fixed_size:  # a fixed-size policy never outgrows its budget
             state.limit = min(self.capacity, state.policy.budget or state.fill)
         state.peak_fill = max(state.peak_fill, state.fill)
 

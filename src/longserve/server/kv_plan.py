@@ -70,7 +70,7 @@ def parse_byte_size(value: str | int, what: str) -> int:
 
 def slot_capacity(policy: Policy, max_model_len: int) -> int:
     """Tokens one slot must hold so any admissible request under `policy` fits."""
-    return max_model_len if policy.decode == "append" else policy.capacity(max_model_len, 0)
+    return policy.capacity(max_model_len, 0) if policy.decode.fixed_size else max_model_len
 
 
 def slot_nbytes(loaded, capacity: int, dtype) -> int:

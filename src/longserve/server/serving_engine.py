@@ -72,7 +72,7 @@ class ServerState:
                 changes = dict(spec.options)
                 if spec.budget is not None or spec.ratio is not None:
                     changes.update(budget=spec.budget, ratio=spec.ratio)
-                return dataclasses.replace(self.default_policy, **changes) if changes else self.default_policy
+                return self.default_policy.replace(**changes) if changes else self.default_policy
             return make_policy(spec.name, budget=spec.budget, ratio=spec.ratio, **spec.options)
         except TypeError as exc:
             raise APIError(f"bad kv_policy parameter: {exc}", param="kv_policy") from None

@@ -102,7 +102,7 @@ class SpeculativeSlot:
         """Whether `n` tokens can go through the one-shot PrefillBackend path."""
         state, pool = self.state, self.pool
         policy = state.policy
-        if policy.decode == "evict" or policy.sparse_decode:
+        if policy.decode.accumulates_scores or policy.sparse_decode:
             return False
         if state.fill + n > pool.capacity:  # a ring slot about to wrap, or no room left
             return False

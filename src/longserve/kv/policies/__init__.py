@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from longserve.errors import InvalidParameterError
+from longserve.kv.policies.adakv import AdaKVPolicy
 from longserve.kv.policies.base import Policy, ScoreInputs
 from longserve.kv.policies.full import FullPolicy
 from longserve.kv.policies.h2o import H2OPolicy
@@ -12,7 +13,9 @@ from longserve.kv.policies.random import RandomPolicy
 from longserve.kv.policies.sage import SagePolicy
 from longserve.kv.policies.snapkv import SnapKVPolicy
 from longserve.kv.policies.snapstream import SnapStreamPolicy
+from longserve.kv.policies.strategy import APPEND, EVICT, RING, DecodeStrategy
 from longserve.kv.policies.streaming import StreamingPolicy
+from longserve.kv.policies.wrapper import PolicyWrapper
 
 REGISTRY: dict[str, type[Policy]] = {
     "full": FullPolicy,
@@ -26,11 +29,31 @@ REGISTRY: dict[str, type[Policy]] = {
     "random": RandomPolicy,
 }
 
+#: Wrappers a keyword switches on (CLI flags, server JSON, eval specs), applied around the named policy:
+#: `make_policy("snapkv", head_adaptive=True)` is `AdaKVPolicy(SnapKVPolicy())`. A wrapper's own
+#: parameters (`AdaKVPolicy.options`) are taken from the same keywords.
+WRAPPERS: dict[str, type[PolicyWrapper]] = {
+    "head_adaptive": AdaKVPolicy,
+}
+
 
 def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
     """Build a policy by name; unknown keyword arguments and names are user errors."""
     if isinstance(name, Policy):
         return name
+    wrappers = []
+    for flag, wrapper in WRAPPERS.items():
+        if flag in kwargs:  # switched on or off: its options are its own, never the named policy's
+            on, options = kwargs.pop(flag), {k: kwargs.pop(k) for k in wrapper.options if k in kwargs}
+            if on:
+                wrappers.append((wrapper, options))
+    policy = _make_named(name, kwargs)
+    for wrapper, options in wrappers:
+        policy = wrapper(policy, **{k: v for k, v in options.items() if v is not None})
+    return policy
+
+
+def _make_named(name: str | None, kwargs: dict) -> Policy:
     name = name or "full"
     if name not in REGISTRY:
         raise InvalidParameterError(f"unknown kv policy '{name}'; known: {', '.join(REGISTRY)}")
@@ -45,4 +68,16 @@ def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
         raise InvalidParameterError(f"bad parameter for kv policy '{name}': {exc}") from None
 
 
-__all__ = ["REGISTRY", "Policy", "ScoreInputs", "make_policy"]
+__all__ = [
+    "APPEND",
+    "EVICT",
+    "REGISTRY",
+    "RING",
+    "WRAPPERS",
+    "AdaKVPolicy",
+    "DecodeStrategy",
+    "Policy",
+    "PolicyWrapper",
+    "ScoreInputs",
+    "make_policy",
+]

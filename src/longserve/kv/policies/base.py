@@ -6,13 +6,15 @@ plus one line in `longserve.kv.policies.REGISTRY`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from longserve.errors import InvalidParameterError
+from longserve.kv.policies.strategy import APPEND, DecodeStrategy
 
 
 @dataclass
@@ -54,36 +56,23 @@ class ScoreInputs:
 class Policy:
     """Budgets: `budget` tokens (sinks + selected + recent window), or `ratio` of the prompt.
 
-    `decode` says what happens once generation starts:
-      - "append": the cache grows by one token per step (capacity = kept prompt + max_new_tokens);
-      - "ring": a fixed-size cache; new tokens overwrite the oldest token of the recent region, so a
-        sequence never holds more than its budget (StreamingLLM, SAGE-KV, SnapStream);
-      - "evict": a fixed-size cache; each new token replaces the lowest-scored old one (H2O).
-
-    `head_adaptive` (AdaKV, Feng et al., 2024): instead of `budget` tokens per KV head, one top-k over
-    all heads of a layer keeps `budget * kv_heads` entries, so heads whose attention is spread keep
-    more tokens and focused heads fewer. The bytes held are the same as the uniform budget's; each
-    head is still guaranteed `head_floor` of its uniform share of the selected (middle) tokens.
+    What a slot does once generation starts is the class's `decode` strategy (`strategy.py`: append,
+    ring, evict). Behaviour that is not scoring is declared, not switched on by flags: `decode`,
+    `compresses`, `sparse_decode`, `head_adaptive` (true only for the `AdaKVPolicy` wrapper).
     """
 
     budget: int | None = None
     ratio: float | None = None
     window: int = 32  # recent tokens always kept
     n_sink: int = 0  # first tokens always kept
-    head_adaptive: bool = False
-    head_floor: float = 0.2
 
     name: ClassVar[str] = "base"
-    decode: ClassVar[str] = "append"
+    decode: ClassVar[DecodeStrategy] = APPEND
     compresses: ClassVar[bool] = True
     sparse_decode: ClassVar[bool] = False  # decode reads a query-selected subset of the cache (Quest)
+    head_adaptive: ClassVar[bool] = False  # slots keep a flat (head, token) layout (AdaKV)
 
     def __post_init__(self) -> None:
-        if self.head_adaptive and (not self.compresses or self.decode == "evict" or not self.window):
-            raise InvalidParameterError(
-                f"head_adaptive budgets are not supported by policy '{self.name}': it "
-                "must evict at prefill, then append or ring over a recent window > 0"
-            )
         if not self.compresses:
             return
         if (self.budget is None) == (self.ratio is None):
@@ -94,8 +83,6 @@ class Policy:
             raise InvalidParameterError(f"kv ratio must be in (0, 1], got {self.ratio}")
         if self.window < 0 or self.n_sink < 0:
             raise InvalidParameterError("window and n_sink must be >= 0")
-        if not 0 <= self.head_floor <= 1:
-            raise InvalidParameterError(f"head_floor must be in [0, 1], got {self.head_floor}")
         if self.budget is not None and self.window + self.n_sink > self.budget:
             raise InvalidParameterError(
                 f"window ({self.window}) + sinks ({self.n_sink}) exceed the kv budget ({self.budget}); "
@@ -113,7 +100,7 @@ class Policy:
 
     def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
         """Physical cache slots one sequence needs: the static shape a scheduler can plan with."""
-        if self.decode == "append":
+        if not self.decode.fixed_size:
             return self.kept(prompt_len) + max_new_tokens
         fixed = self.budget if self.budget is not None else self.kept(prompt_len)
         return max(1, min(fixed, prompt_len + max_new_tokens))
@@ -121,6 +108,20 @@ class Policy:
     def protected_prefix(self, kept: int) -> int:
         """How many leading cache entries a ring never overwrites (sinks + selected middle)."""
         return max(self.n_sink, kept - self.window)
+
+    # ---- identity ----------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Name + parameters: what a stored context records; `make_policy(**describe())` rebuilds it."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def replace(self, **changes: Any) -> Policy:
+        """This policy with some parameters changed, validated again; a wrapper keyword
+        (`head_adaptive=True`) wraps it, as `make_policy` does."""
+        from longserve.kv.policies import REGISTRY, make_policy  # the registry imports this module
+
+        if REGISTRY.get(self.name) is type(self):
+            return make_policy(**(self.describe() | changes))
+        return dataclasses.replace(self, **changes)
 
     # ---- selection ---------------------------------------------------------------------------
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
@@ -139,27 +140,3 @@ class Policy:
         scores[:, forced] = float("inf")
         keep = scores.topk(n_keep, dim=-1).indices
         return keep.sort(dim=-1).values
-
-    def select_adaptive(self, inputs: ScoreInputs, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """AdaKV: (head, token) index pairs of the `n_keep * kv_heads` entries one layer keeps.
-
-        Sinks and the recent window are kept in every head; the rest of the layer's share is one
-        top-k over all heads (each head first gets `head_floor` of its uniform share). Order: the
-        selected entries by head then position, then the window token by token (all heads of a token
-        together), so a ring over the recent region overwrites whole tokens."""
-        hkv, length, _ = inputs.keys.shape
-        n_window = min(self.window, length)
-        middle = length - n_window
-        scores = self.score(inputs).float().expand(hkv, length)[:, :middle].clone()
-        scores[:, : self.n_sink] = float("inf")
-        share = n_keep - n_window  # selected tokens per head under a uniform budget
-        floor = min(share, max(self.n_sink, int(self.head_floor * share)))
-        if floor:
-            scores.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
-        flat = scores.flatten().topk(share * hkv).indices.sort().values  # head-major, then position
-        heads, tokens = flat // middle, flat % middle
-        dev = inputs.keys.device
-        recent = torch.arange(middle, length, device=dev)
-        heads = torch.cat([heads, torch.arange(hkv, device=dev).repeat(n_window)])
-        tokens = torch.cat([tokens, recent.repeat_interleave(hkv)])
-        return heads, tokens

@@ -7,12 +7,13 @@ from typing import ClassVar
 import torch
 
 from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.strategy import EVICT, DecodeStrategy
 
 
 @dataclass
 class H2OPolicy(Policy):
     name: ClassVar[str] = "h2o"
-    decode: ClassVar[str] = "evict"
+    decode: ClassVar[DecodeStrategy] = EVICT
     window: int = 32
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:

@@ -9,12 +9,13 @@ import torch
 
 from longserve.kv.policies.base import Policy, ScoreInputs
 from longserve.kv.policies.snapkv import pool_scores
+from longserve.kv.policies.strategy import RING, DecodeStrategy
 
 
 @dataclass
 class SagePolicy(Policy):
     name: ClassVar[str] = "sage"
-    decode: ClassVar[str] = "ring"
+    decode: ClassVar[DecodeStrategy] = RING
     n_sink: int = 4
     window: int = 32
     kernel: int = 7  # one query's scores are spiky: smoothing keeps a hit's neighbours (whole numbers, names)

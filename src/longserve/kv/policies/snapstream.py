@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from longserve.kv.policies.snapkv import SnapKVPolicy
+from longserve.kv.policies.strategy import RING, DecodeStrategy
 
 
 @dataclass
 class SnapStreamPolicy(SnapKVPolicy):
     name: ClassVar[str] = "snapstream"
-    decode: ClassVar[str] = "ring"
+    decode: ClassVar[DecodeStrategy] = RING
     n_sink: int = 4

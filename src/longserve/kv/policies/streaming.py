@@ -6,12 +6,13 @@ from typing import ClassVar
 import torch
 
 from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.strategy import RING, DecodeStrategy
 
 
 @dataclass
 class StreamingPolicy(Policy):
     name: ClassVar[str] = "streaming"
-    decode: ClassVar[str] = "ring"
+    decode: ClassVar[DecodeStrategy] = RING
     n_sink: int = 4
     window: int = 0  # everything but the sinks is "recent": see protected_prefix
 

@@ -1,0 +1,74 @@
+"""A policy that wraps another (kvpress's `AdaKVPress(press)` pattern): it is a `Policy` with the
+wrapped policy's budget, window and decode strategy, and overrides only what it changes.
+
+A wrapper is a plain class, not a dataclass: its parameters are its own, the budget stays the
+wrapped policy's single source of truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.strategy import DecodeStrategy
+
+
+class PolicyWrapper(Policy):
+    """Delegates everything to `self.policy`; subclasses override `score`/`select` or add checks."""
+
+    options: ClassVar[tuple[str, ...]] = ()  # the wrapper's own parameters (for `describe` and `replace`)
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    # the wrapped policy's sizes and capabilities: properties shadow the base's dataclass defaults
+    budget = property(lambda self: self.policy.budget)
+    ratio = property(lambda self: self.policy.ratio)
+    window = property(lambda self: self.policy.window)
+    n_sink = property(lambda self: self.policy.n_sink)
+    name = property(lambda self: self.policy.name)
+    compresses = property(lambda self: self.policy.compresses)
+    sparse_decode = property(lambda self: self.policy.sparse_decode)
+
+    @property
+    def decode(self) -> DecodeStrategy:
+        return self.policy.decode
+
+    @property
+    def head_adaptive(self) -> bool:
+        return self.policy.head_adaptive
+
+    def kept(self, prompt_len: int) -> int:
+        return self.policy.kept(prompt_len)
+
+    def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
+        return self.policy.capacity(prompt_len, max_new_tokens)
+
+    def protected_prefix(self, kept: int) -> int:
+        return self.policy.protected_prefix(kept)
+
+    def score(self, inputs: ScoreInputs) -> torch.Tensor:
+        return self.policy.score(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.policy.describe(), **{k: getattr(self, k) for k in self.options}}
+
+    def replace(self, **changes: Any) -> Policy:
+        from longserve.kv.policies import WRAPPERS, make_policy  # the registry imports this module
+
+        if type(self) in WRAPPERS.values():  # its keyword may also switch it off
+            return make_policy(**(self.describe() | changes))
+        own = {k: changes.pop(k) for k in self.options if k in changes}
+        kwargs = {k: getattr(self, k) for k in self.options} | own
+        return type(self)(self.policy.replace(**changes), **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.describe() == self.describe()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        own = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options)
+        return f"{type(self).__name__}({self.policy!r}{', ' + own if own else ''})"
