@@ -4,9 +4,10 @@
 demonstrations; `ManyShot` runs a shot configuration, compressing a static block once and reusing it.
 """
 
+from longserve.icl.datasets import GENERATED, make_task
 from longserve.icl.runner import ManyShot, QueryResult, ShotConfig, ShotResult
 from longserve.icl.selection import ORDERINGS, SELECTIONS, order, select
-from longserve.icl.tasks import GENERATED, Example, Task, make_task
+from longserve.icl.tasks import Example, Task
 
 __all__ = [
     "GENERATED",

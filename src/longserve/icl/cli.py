@@ -10,8 +10,8 @@ from longserve.errors import InvalidParameterError
 
 
 def register(subparsers) -> None:
+    from longserve.icl.datasets import GENERATED
     from longserve.icl.selection import ORDERINGS, SELECTIONS
-    from longserve.icl.tasks import GENERATED
 
     tasks = f"{', '.join(GENERATED)} or a JSONL file"
     p = subparsers.add_parser("icl", help="many-shot prompting: accuracy vs shots, block reuse vs re-prefill")
@@ -66,10 +66,10 @@ def _llm(args):
 
 
 def run_icl(args) -> int:
+    from longserve.icl.datasets import make_task
     from longserve.icl.embed import Embedder
     from longserve.icl.runner import ManyShot, ShotConfig
     from longserve.icl.selection import SELECTIONS
-    from longserve.icl.tasks import make_task
 
     shots, selections = parse_shots(args.shots), [s.strip() for s in args.selection.split(",")]
     if bad := [s for s in selections if s not in SELECTIONS]:
@@ -143,8 +143,8 @@ def write_icl_report(out: Path, rows: list[dict], task: str, model: str) -> None
 
 def run_ace(args) -> int:
     from longserve.ace import ACE, Playbook, summary
+    from longserve.icl.datasets import make_task
     from longserve.icl.embed import Embedder
-    from longserve.icl.tasks import make_task
 
     task = make_task(args.task, args.n_train + args.n_test, seed=args.seed)
     train, test = task.split(args.n_train, args.n_test, seed=args.seed)

@@ -13,7 +13,6 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from longserve.errors import InvalidParameterError
 
@@ -150,7 +149,7 @@ _MONTHS = [
 ]
 
 
-def _unique(make: Callable[[], Example], n: int, task: str) -> list[Example]:
+def unique_examples(make: Callable[[], Example], n: int, task: str) -> list[Example]:
     """`n` examples with distinct inputs (a query must never also stand among the demonstrations)."""
     seen: dict[str, Example] = {}
     for _ in range(50 * n):
@@ -177,7 +176,7 @@ def rule_classification(n: int, seed: int) -> Task:
         text = f"The {rng.choice(_ADJECTIVES)} {rng.choice(_CATEGORIES[cat])} is near {rng.choice(_PLACES)}."
         return Example(text, rule[cat], label=rule[cat])
 
-    examples = _unique(make, n, "rule_classification")
+    examples = unique_examples(make, n, "rule_classification")
     return Task(
         "rule_classification", "Label each sentence with sun or moon.", examples, 4, meta={"rule": rule}
     )
@@ -194,7 +193,7 @@ def cipher(n: int, seed: int) -> Task:
         word = rng.choice(_WORDS) if rng.random() < 0.5 else _pseudo_word(rng)
         return Example(word, enc(word), label=word[0])
 
-    examples = _unique(make, n, "cipher")
+    examples = unique_examples(make, n, "cipher")
     return Task("cipher", "Encode each word.", examples, 12, meta={"shift": shift})
 
 
@@ -208,7 +207,7 @@ def date_format(n: int, seed: int) -> Task:
         parts = {"d": f"{d:02d}", "m": f"{m:02d}", "y": str(y)}
         return Example(f"{_MONTHS[m - 1]} {d}, {y}", sep.join(parts[k] for k in order), label=order)
 
-    examples = _unique(make, n, "date_format")
+    examples = unique_examples(make, n, "date_format")
     return Task("date_format", "Rewrite each date.", examples, 12, meta={"order": order, "sep": sep})
 
 
@@ -220,7 +219,7 @@ def arithmetic(n: int, seed: int) -> Task:
         x = rng.randint(0, 999)
         return Example(f"{x} widgets", f"{a * x + b} gadgets", label=str(x % 2))
 
-    examples = _unique(make, n, "arithmetic")
+    examples = unique_examples(make, n, "arithmetic")
     return Task("arithmetic", "Convert widgets to gadgets.", examples, 8, meta={"a": a, "b": b})
 
 
@@ -268,44 +267,5 @@ def function_call(n: int, seed: int) -> Task:
         args = arguments(rng)
         return Example(template.format(**args), json.dumps({"name": name, "arguments": args}), label=name)
 
-    examples = _unique(make, n, "function_call")
+    examples = unique_examples(make, n, "function_call")
     return Task("function_call", "Turn each request into a function call.", examples, 48, json_output=True)
-
-
-GENERATED: dict[str, Callable[[int, int], Task]] = {
-    "rule_classification": rule_classification,
-    "cipher": cipher,
-    "date_format": date_format,
-    "arithmetic": arithmetic,
-    "function_call": function_call,
-}
-
-
-def make_task(name: str, n: int = 240, seed: int = 0) -> Task:
-    """A generated task by name, or a JSONL file of {"input", "target" (or "label")} records."""
-    if name in GENERATED:
-        return GENERATED[name](n, seed)
-    path = Path(name)
-    if path.suffix == ".jsonl" or path.exists():
-        return load_jsonl(path)
-    raise InvalidParameterError(f"unknown task {name!r}: use one of {', '.join(GENERATED)} or a .jsonl file")
-
-
-def load_jsonl(path: Path, instruction: str = "") -> Task:
-    if not path.is_file():
-        raise InvalidParameterError(f"dataset file not found: {path}")
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            target = record["target"] if "target" in record else record["label"]
-            examples.append(Example(str(record["input"]), str(target), record.get("label")))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise InvalidParameterError(
-                f'{path}:{number}: expected a JSON object with "input" and "target" (or "label"): {exc}'
-            ) from None
-    if not examples:
-        raise InvalidParameterError(f"{path} holds no examples")
-    return Task(path.stem, instruction, examples, 32)
