@@ -45,7 +45,12 @@ def test_a_hanging_answer_times_out(monkeypatch):
     assert not ok and "did not finish" in feedback
 
 
-def test_extract_code_prefers_the_fenced_block():
+def test_extract_code_takes_the_first_piece_that_defines_solve():
     answer = "Sure.\n```python\nimport math\ndef solve(s):\n    return s\n```\nDone."
     assert extract_code(answer) == "import math\ndef solve(s):\n    return s\n"
     assert extract_code("Here:\ndef solve(s):\n    return s") == "def solve(s):\n    return s"
+    # what a small model writes: the code, a stray fence, then a second, cut-off attempt
+    rambling = (
+        " def solve(xs):\n    return xs\n```\n\n```python\nfrom functools import reduce\ndef solve(xs):\n  "
+    )
+    assert extract_code(rambling) == "def solve(xs):\n    return xs\n"

@@ -7,18 +7,27 @@ prompt's full blocks (a `CompressedContext`, the same object compress-once uses)
 the entry points to it, so a later prompt that shares only its first blocks still hits. Entries are
 evicted least-recently-used under a byte budget counted apart from the running slots.
 
-What is cached: prompts run under `full` on models without sliding-window layers (a ring layer no
-longer holds the start of a long prompt), with their natural positions. A hit leaves at least one
-prompt token to prefill, since the next token's logits come from the last prompt position.
+What is cached automatically: prompts run under `full` on models without sliding-window layers (a ring
+layer no longer holds the start of a long prompt), with their natural positions. A hit leaves at least
+one prompt token to prefill, since the next token's logits come from the last prompt position.
+
+Compressed entries (`CachePrefix`): a request may ask for the first `n_tokens` of its prompt to be
+compressed under a policy and kept; a later request with exactly that prefix and policy attaches the
+compressed KV and prefills only its own suffix. The entry is named by one hash over the fingerprint,
+the policy's parameters and every prefix token (a compressed prefix is not extendable block by block),
+and shares the byte budget and the LRU order with the full entries, so one budget holds several times
+more compressed prefixes than full ones. No peer caches compressed prefixes: vLLM's blocks hold full KV.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from longserve.context import CompressedContext
+from longserve.kv.policies import Policy
 
 
 @dataclass
@@ -30,6 +39,16 @@ class CacheStats:
     evicted: int = 0
     bytes: int = 0
     entries: int = 0
+    compressed_entries: int = 0
+    compressed_hits: int = 0
+
+
+@dataclass(frozen=True)
+class CachePrefix:
+    """Compress the first `n_tokens` of a request's prompt under `policy` and cache the result."""
+
+    n_tokens: int
+    policy: Policy
 
 
 class PrefixCache:
@@ -40,6 +59,7 @@ class PrefixCache:
         self.entries: OrderedDict[int, CompressedContext] = OrderedDict()  # LRU order, oldest first
         self.index: dict[bytes, dict[int, None]] = {}  # block hash -> entries holding that prefix
         self.entry_hashes: dict[int, list[bytes]] = {}
+        self.compressed: dict[bytes, int] = {}  # compressed-prefix key -> entry
         self.stats = CacheStats()
         self._next_id = 0
 
@@ -66,6 +86,32 @@ class PrefixCache:
         self.stats.misses += 1
         return None, 0
 
+    def compressed_key(self, ids: list[int], policy: Policy) -> bytes:
+        digest = hashlib.sha256(self.fingerprint.encode())
+        digest.update(json.dumps(policy.describe(), sort_keys=True, default=str).encode())
+        digest.update(b"".join(t.to_bytes(4, "little") for t in ids))
+        return digest.digest()
+
+    def get_compressed(self, key: bytes) -> CompressedContext | None:
+        """A cached compressed prefix (counted as a hit over all its prompt tokens), or None (a miss)."""
+        entry_id = self.compressed.get(key)
+        if entry_id is None:
+            self.stats.misses += 1
+            return None
+        self.entries.move_to_end(entry_id)
+        ctx = self.entries[entry_id]
+        self.stats.hits += 1
+        self.stats.compressed_hits += 1
+        self.stats.hit_tokens += ctx.n_context_tokens
+        return ctx
+
+    def put_compressed(self, key: bytes, ctx: CompressedContext) -> None:
+        if key in self.compressed or not self._make_room(ctx.nbytes):
+            return
+        entry_id = self._add(ctx, [])
+        self.compressed[key] = entry_id
+        self.stats.compressed_entries += 1
+
     def insert(self, ids: list[int], ctx: CompressedContext) -> None:
         """Cache the full blocks of a prefilled prompt (`ctx` holds its KV in order, position i at i; it
         may be views of a slot: what is kept is copied)."""
@@ -77,10 +123,18 @@ class PrefixCache:
             self.entries.move_to_end(next(iter(holders)))
             return
         entry = head(ctx, len(hashes) * self.block_size, copy=True)
-        if entry.nbytes > self.max_bytes:
-            return
-        while self.entries and self.stats.bytes + entry.nbytes > self.max_bytes:
+        if self._make_room(entry.nbytes):
+            self._add(entry, hashes)
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict least-recently-used entries until `nbytes` fit; False if they never can."""
+        if nbytes > self.max_bytes:
+            return False
+        while self.entries and self.stats.bytes + nbytes > self.max_bytes:
             self._evict(next(iter(self.entries)))
+        return True
+
+    def _add(self, entry: CompressedContext, hashes: list[bytes]) -> int:
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self.entries[entry_id] = entry
         self.entry_hashes[entry_id] = hashes
@@ -89,6 +143,7 @@ class PrefixCache:
         self.stats.inserted += 1
         self.stats.bytes += entry.nbytes
         self.stats.entries = len(self.entries)
+        return entry_id
 
     def _evict(self, entry_id: int) -> None:
         """Drop an entry; a sequence that already took its KV keeps its own view of the tensors."""
@@ -98,6 +153,9 @@ class PrefixCache:
             holders.pop(entry_id, None)
             if not holders:
                 del self.index[h]
+        for key in [k for k, v in self.compressed.items() if v == entry_id]:
+            del self.compressed[key]
+            self.stats.compressed_entries -= 1
         self.stats.evicted += 1
         self.stats.bytes -= entry.nbytes
         self.stats.entries = len(self.entries)

@@ -69,13 +69,12 @@ def reference(spec_index: int, params: dict) -> str:
 
 
 def extract_code(answer: str) -> str:
-    """The code of an answer: a fenced block if there is one, else everything from the first line
-    that starts code (`def`, `import`, `from`), so a sentence before the code is not run."""
-    fenced = re.search(r"```(?:python)?\n(.*?)(```|$)", answer, flags=re.S)
-    if fenced:
-        return fenced.group(1)
-    start = re.search(r"^(def |import |from )", answer, flags=re.M)
-    return answer[start.start() :] if start else answer
+    """The code of an answer: the first fenced (or unfenced) piece that defines `solve`, from the first
+    line that starts code (`def`, `import`, `from`), so prose around the code is not run."""
+    pieces = [re.sub(r"^(python|py)\n", "", piece) for piece in answer.split("```")]
+    code = next((piece for piece in pieces if "def solve" in piece), answer)
+    start = re.search(r"^[ \t]*(def |import |from )", code, flags=re.M)
+    return code[start.start(1) :] if start else code
 
 
 def run_tests(code: str, cases: list) -> tuple[bool, str]:
@@ -133,4 +132,4 @@ def python_function(n: int, seed: int) -> CodeTask:
 
     examples = unique_examples(make, n, "python_function")
     instruction = "Write the Python function asked for. Answer with the code only."
-    return CodeTask("python_function", instruction, examples, 96, meta={"tests": tests})
+    return CodeTask("python_function", instruction, examples, 96, meta={"tests": tests}, stop=("\nInput:",))

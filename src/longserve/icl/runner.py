@@ -114,7 +114,10 @@ class ManyShot:
 
     def answer(self, head: list[int], tail: list[int], ctx=None, **policy):
         """One query's completion: on top of a reused block `ctx`, or with the block re-prefilled."""
-        sampling = {"max_new_tokens": self.task.max_new_tokens, "stop": None if self.chat else ["\n"]}
+        sampling = {
+            "max_new_tokens": self.task.max_new_tokens,
+            "stop": None if self.chat else list(self.task.stop),
+        }
         if ctx is None:
             return self.llm.generate(head + tail, **sampling, **policy)[0]
         *_, last = self.llm.stream(tail, prefix=ctx, **sampling)
@@ -202,5 +205,6 @@ class ManyShot:
         for ex in tqdm(unlabelled, disable=not progress, desc="reinforce", unit="input"):
             text = self.answer(head, self.query_ids(self.query(ex))).text
             if self.task.check(text, ex)[0]:
-                kept.append(Example(ex.input, text.strip().splitlines()[0].strip(), ex.label))
+                answer = text.strip().splitlines()[0].strip() if self.task.single_line else text.strip()
+                kept.append(Example(ex.input, answer, ex.label))
         return kept

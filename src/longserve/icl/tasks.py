@@ -32,6 +32,12 @@ class Task:
     max_new_tokens: int = 16
     json_output: bool = False  # compare parsed JSON instead of text
     meta: dict = field(default_factory=dict)
+    #: where a plain-text answer ends: one line, unless the task's answers span lines (code)
+    stop: tuple[str, ...] = ("\n",)
+
+    @property
+    def single_line(self) -> bool:
+        return "\n" in self.stop
 
     def score(self, prediction: str, example: Example) -> float:
         return 1.0 if self.check(prediction, example)[0] else 0.0
