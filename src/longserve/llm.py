@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
 from longserve.engine.engine import LLMEngine, StepOutput
-from longserve.engine.prefix_cache import PrefixCache
+from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy, Policy, make_policy
@@ -128,6 +128,26 @@ class LLM:
         tail_ids = self.tokenizer.encode(tail, add_special_tokens=False)
         return head_ids, tail_ids
 
+    def chat_prefix_len(self, prompt, ids: list[int]) -> int | None:
+        """Chat messages: how many of `ids` render everything before the last message (the part a
+        conversation resends each turn); None for other prompts."""
+        if not (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)) or len(prompt) < 2:
+            return None
+        head = self.tokenizer.apply_chat_template(prompt[:-1], tokenize=True, return_dict=True)["input_ids"]
+        n = next(
+            (i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), min(len(head), len(ids))
+        )
+        return n or None
+
+    @staticmethod
+    def full_after_prefix(kv_policy):
+        if kv_policy not in (None, "full") and not isinstance(kv_policy, FullPolicy):
+            raise InvalidParameterError(
+                "with cache_prefix the rest of the prompt runs under 'full'; compress the prefix with "
+                "cache_prefix={'policy': ...} instead of kv_policy"
+            )
+        return FullPolicy()
+
     def policy(self, kv_policy=None, kv_budget=None, kv_ratio=None, **kwargs) -> Policy:
         if isinstance(kv_policy, Policy):
             return kv_policy
@@ -192,13 +212,25 @@ class LLM:
         batch = [prompts] if single else list(prompts)
         if not batch:
             return []
+        cache_prefix = options.pop("cache_prefix", None)
+        if cache_prefix is not None:  # the suffix appends to the compressed prefix, as `ask` does
+            kv_policy = self.full_after_prefix(kv_policy)
         params, policy = self.request(sampling, kv_policy, **options)
         if self.speculative:
             return [self.speculative.generate(p, params, policy) for p in batch]
         encoded = [self.encode_any(p) for p in batch]
         capacity = max(policy.capacity(len(ids), params.max_new_tokens) for ids in encoded)
         engine = self.engine(min(len(batch), self.max_batch_size), capacity)
-        seqs = [engine.add_request(ids, params, policy) for ids in encoded]
+        prefixes = [
+            None
+            if cache_prefix is None
+            else CachePrefix.from_spec(cache_prefix, self.chat_prefix_len(p, ids))
+            for p, ids in zip(batch, encoded, strict=True)
+        ]
+        seqs = [
+            engine.add_request(ids, params, policy, cache_prefix=prefix)
+            for ids, prefix in zip(encoded, prefixes, strict=True)
+        ]
         total = sum(len(ids) + params.max_new_tokens for ids in encoded)
         with tqdm(total=total, disable=not progress, desc="generate", unit="tok") as bar:
             while engine.has_unfinished():

@@ -12,7 +12,7 @@ import torch
 
 from longserve.context import CompressedContext
 from longserve.engine.model_runner import ModelRunner
-from longserve.engine.prefix_cache import PrefixCache
+from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams, sample
 from longserve.engine.scheduler import Scheduler
 from longserve.engine.sequence import Sequence
@@ -91,15 +91,61 @@ class LLMEngine:
         request_id: str = "",
         positions: list[int] | None = None,
         prefix=None,
+        cache_prefix: CachePrefix | None = None,
     ) -> Sequence:
+        """Queue a request. `prefix`: a compressed context the prompt continues; `cache_prefix`: the
+        first tokens of the prompt become (or reuse) a cached compressed prefix."""
+        prompt_ids, cached, hit = list(prompt_ids), 0, False
+        if cache_prefix is not None:
+            if prefix is not None or positions is not None:
+                raise InvalidParameterError(
+                    "cache_prefix cannot be combined with a given prefix or positions"
+                )
+            prefix, hit = self.compressed_prefix(prompt_ids, cache_prefix)
+            cached, prompt_ids = cache_prefix.n_tokens, prompt_ids[cache_prefix.n_tokens :]
         seq = Sequence(
-            list(prompt_ids), params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
+            prompt_ids, params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
         )
+        seq.prefix_tokens, seq.cached_tokens = cached, cached if hit else 0
         if self.caches(policy) and positions is None and prefix is None:
             seq.cache_ids = (
                 seq.prompt_ids
             )  # looked up when its prefill starts (earlier prompts are in by then)
         return self.add_sequence(seq)
+
+    def compressed_prefix(self, ids: list[int], spec: CachePrefix) -> tuple[CompressedContext, bool]:
+        """(the cached compressed KV of `ids[:spec.n_tokens]` under `spec.policy`, whether it was cached).
+        A miss compresses the prefix now, in a one-slot engine of its own over the same model (running
+        slots are untouched), and caches it: the first request pays the prefix's prefill in one go."""
+        if self.prefix_cache is None:
+            raise InvalidParameterError(
+                "cache_prefix needs a prefix cache: LLM(..., prefix_cache='1GiB') or --prefix-cache-memory"
+            )
+        n = spec.n_tokens
+        if not 0 < n < len(ids):
+            raise InvalidParameterError(
+                f"cache_prefix covers {n} of the prompt's {len(ids)} tokens; it must leave at least one"
+            )
+        key = self.prefix_cache.compressed_key(ids[:n], spec.policy)
+        ctx = self.prefix_cache.get_compressed(key)
+        if ctx is not None:
+            return ctx, True
+        engine = LLMEngine(
+            self.loaded,
+            1,
+            spec.policy.capacity(n, 1),
+            max_tokens=self.loaded.context_window,
+            prefill_chunk=self.scheduler.prefill_chunk,
+            dtype=self.pool.dtype,
+            device=self.pool.device,
+        )
+        seq = engine.add_request(ids[:n], SamplingParams(max_new_tokens=1), spec.policy)
+        engine.prefill(seq)
+        fingerprint = self.prefix_cache.fingerprint
+        ctx = CompressedContext.from_slot(engine.pool, seq.slot, fingerprint, spec.policy.describe(), n)
+        engine.abort(seq.request_id)
+        self.prefix_cache.put_compressed(key, ctx)
+        return ctx, False
 
     def caches(self, policy: Policy) -> bool:
         """Prefix caching covers `full` on models without sliding-window layers (see prefix_cache)."""
@@ -163,12 +209,13 @@ class LLMEngine:
         prefix, n = self.prefix_cache.lookup(seq.cache_ids)
         if prefix is not None:
             seq.prefix, seq.cached_tokens, seq.prompt_ids = prefix, n, seq.cache_ids[n:]
+            seq.prefix_tokens = n
         return seq.prompt_len
 
     def snapshot(self, seq: Sequence, copy: bool = True) -> CompressedContext:
         """The KV a running sequence holds (prompt, and output so far); `copy=False`: views of its slot."""
         record = {"name": seq.policy.name}
-        n_tokens = seq.prompt_len + seq.cached_tokens
+        n_tokens = seq.prompt_len + seq.prefix_tokens
         return CompressedContext.from_slot(self.pool, seq.slot, "", record, n_tokens, copy=copy)
 
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from longserve.context import CompressedContext
+from longserve.errors import InvalidParameterError
 from longserve.kv.policies import Policy
 
 
@@ -49,6 +50,27 @@ class CachePrefix:
 
     n_tokens: int
     policy: Policy
+
+    @classmethod
+    def from_spec(cls, spec: dict, n_tokens: int | None) -> CachePrefix:
+        """From a request's `{"policy": "snapkv", "ratio": 0.25, "tokens": N, ...policy options}`;
+        `n_tokens` is the caller's split (e.g. everything before the last chat turn) when `tokens` is
+        not given."""
+        from longserve.kv.policies import make_policy
+
+        if not isinstance(spec, dict):
+            raise InvalidParameterError(
+                'cache_prefix takes {"policy": ..., "ratio" or "budget": ..., "tokens": N}'
+            )
+        options = dict(spec)
+        n = options.pop("tokens", None) or n_tokens
+        if not n:
+            raise InvalidParameterError(
+                "cache_prefix needs the prefix length: 'tokens' (or chat messages, where everything "
+                "before the last message is the prefix)"
+            )
+        name = options.pop("policy", None) or options.pop("name", None) or "full"
+        return cls(int(n), make_policy(name, **options))
 
 
 class PrefixCache:

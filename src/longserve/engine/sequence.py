@@ -34,7 +34,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already run through the model
     prompt_positions: list[int] | None = None  # explicit positions (speculative prefill keeps gaps)
     prefix: object | None = None  # a CompressedContext loaded into the slot before the prompt runs
-    cached_tokens: int = 0  # prompt tokens that came from the prefix cache (not in prompt_ids)
+    prefix_tokens: int = 0  # prompt tokens `prefix` stands for (prefix cache, hit or new; not in prompt_ids)
+    cached_tokens: int = 0  # of those, the ones the prefix cache already held
     cache_ids: list[int] | None = None  # the whole prompt, for the prefix cache (None: not cacheable)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -74,7 +75,7 @@ class Sequence:
         ttft = (self.first_token_at - self.arrival) if self.first_token_at else None
         decode_s = (self.token_times[-1] - self.token_times[0]) if len(self.token_times) > 1 else 0.0
         return {
-            "prompt_tokens": self.prompt_len + self.cached_tokens,
+            "prompt_tokens": self.prompt_len + self.prefix_tokens,
             "cached_prompt_tokens": self.cached_tokens,
             "completion_tokens": len(self.output_ids),
             "ttft_s": ttft,
@@ -86,7 +87,7 @@ class Sequence:
             "kv_tokens_final": self.kv_tokens_final,
             "kv_tokens_per_layer": self.kv_tokens_per_layer,
             "kv_tokens_per_head": self.kv_tokens_per_head,
-            "compression_ratio": (self.prompt_len + self.cached_tokens + len(self.output_ids))
+            "compression_ratio": (self.prompt_len + self.prefix_tokens + len(self.output_ids))
             / max(1, self.kv_tokens_final),
             "kv_bytes_read": self.kv_bytes_read,
             "finish_reason": self.finish_reason,
