@@ -79,6 +79,14 @@ def check_new_policy(block: str, ns: dict, printed: str) -> None:
     assert sizes == {budget.stats["kv_bytes_allocated"]}
 
 
+def check_compressed_prefix(block: str, ns: dict, printed: str) -> None:
+    """The first question compresses the system turn, the second reuses it; the cache holds half of it."""
+    (c1, p1, b1), (c2, p2, b2) = (map(int, line.split()) for line in printed.strip().splitlines())
+    assert c1 == 0 and 0 < c2 < p2 and b1 == b2 > 0
+    full_bytes = c2 * ns["llm"].loaded.args.kv_bytes_per_token()
+    assert b1 <= 0.5 * full_bytes + 64 * ns["llm"].loaded.args.kv_bytes_per_token()
+
+
 #: Each example's check, found by a line that only that example has.
 CHECKS: dict[str, Callable[[str, dict, str], None]] = {
     "head_adaptive=True": check_head_adaptive,
@@ -88,6 +96,7 @@ CHECKS: dict[str, Callable[[str, dict, str], None]] = {
     'prefix_cache="256MiB"': check_prefix_cache,
     "ShotConfig(16)": check_many_shot,
     "class Recency(PolicyWrapper)": check_new_policy,
+    "cache_prefix=spec": check_compressed_prefix,
 }
 
 
