@@ -2,10 +2,13 @@
 
 Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored, as most OpenAI-compatible
 servers do; fields that would change the answer and that we cannot honour (`n > 1`, `logprobs`, `echo`,
-`suffix`, several prompts) are rejected with 400 rather than silently ignored. Extra body fields:
-`top_k`, `ignore_eos`, `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64, ...}`),
-`spec_prefill` (`false`, `true` or `{"keep": 0.25, "draft": NAME}`: see `longserve.specprefill.serving`)
-and `speculative` (`false` sends a request to the batched engine on a server started with `--draft`).
+`suffix`, several prompts, `tools`/`tool_choice`/`functions`) are rejected with 400 rather than silently
+ignored. Honoured: `presence_penalty`/`frequency_penalty` (OpenAI's semantics, in the sampler) and
+`response_format` (`json_object`, `json_schema`: grammar-constrained decoding, `engine.grammar`). Extra
+body fields: `top_k`, `ignore_eos`, `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64,
+...}`), `spec_prefill` (`false`, `true` or `{"keep": 0.25, "draft": NAME}`: see
+`longserve.specprefill.serving`) and `speculative` (`false` sends a request to the batched engine on a
+server started with `--draft`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from longserve.engine.sampler import SEED_LIMIT, SamplingParams
+from longserve.engine.sampler import PENALTY_LIMIT, SEED_LIMIT, Grammar, SamplingParams
 
 
 class KVPolicySpec(BaseModel):
@@ -36,6 +39,38 @@ class KVPolicySpec(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: OpenAI's `{"name": ..., "schema": {...}, "strict": ...}`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatSpec(BaseModel):
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (JSON matching it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatSpec:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+    @property
+    def target_schema(self) -> dict[str, Any] | None:
+        """The JSON schema to follow (None: any JSON object)."""
+        return self.json_schema.json_schema if self.type == "json_schema" and self.json_schema else None
 
 
 class StreamOptions(BaseModel):
@@ -52,6 +87,14 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=-1)  # extra; 0 or -1 = off (vLLM's convention)
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
+    response_format: ResponseFormatSpec | None = None
+    # tool calling needs parsing the model's calls out of its text per chat template: not done, so refused
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -67,6 +110,20 @@ class GenerationRequest(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("tools", "functions", "function_call")
+    @classmethod
+    def _no_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"'{info.field_name}' is not supported by this server (no tool calling)")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError("'tool_choice' is not supported by this server (no tool calling)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -84,7 +141,17 @@ class GenerationRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+    @property
+    def constrained(self) -> bool:
+        """Whether the output follows a grammar (`response_format` json_object / json_schema)."""
+        return self.response_format is not None and self.response_format.constrained
+
+    @property
+    def needs_sampler(self) -> bool:
+        """Whether this request needs the batched sampler's features (the speculative decoder has none)."""
+        return self.constrained or bool(self.presence_penalty or self.frequency_penalty)
+
+    def sampling_params(self, max_new_tokens: int, grammar: Grammar | None = None) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
@@ -93,6 +160,9 @@ class GenerationRequest(BaseModel):
             seed=self.seed,
             stop=list(self.stop or []),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            grammar=grammar,
         )
 
 
