@@ -76,6 +76,10 @@ class ByteTokenizer:
     def convert_tokens_to_ids(self, token):
         return None
 
+    def token_bytes(self) -> list[bytes]:
+        """Every id's bytes, for grammar-constrained decoding (`longserve.engine.grammar`)."""
+        return [bytes([i]) for i in range(256)] + [b"</s>"]
+
 
 def tiny_loaded(family: str = "llama", seed: int = 0, **overrides) -> tuple[LoadedModel, object]:
     """(our model loaded with the weights of a random HF model, that HF model)."""

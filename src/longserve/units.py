@@ -25,3 +25,12 @@ def parse_count(text: str) -> int:
         except OverflowError:  # "infk"
             raise ValueError(f"{text!r} is not a finite count") from None
     return int(text)
+
+
+def human_bytes(n: float) -> str:
+    """`1536` -> `1.5 KiB`: sizes in messages and startup lines (binary units, as the flags take)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

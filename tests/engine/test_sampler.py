@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from longserve.engine.sampler import SamplingParams, filter_logits, sample
+from longserve.engine.sampler import SamplingParams, filter_logits, penalize, sample
 from longserve.engine.sequence import Sequence
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy
@@ -115,6 +115,10 @@ def test_unseeded_sequences_differ():
         ({"seed": 2**63}, "seed must be an integer in [0, 2**63)"),
         ({"seed": 2**70}, "seed must be an integer in [0, 2**63)"),
         ({"seed": 1.5}, "seed must be an integer in [0, 2**63)"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+        ({"presence_penalty": float("nan")}, "presence_penalty must be in [-2, 2]"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty must be in [-2, 2]"),
+        ({"frequency_penalty": "x"}, "frequency_penalty must be in [-2, 2]"),
     ],
 )
 def test_invalid_params_are_refused_naming_the_field(kwargs, message):
@@ -125,9 +129,92 @@ def test_invalid_params_are_refused_naming_the_field(kwargs, message):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"seed": 0}, {"seed": 2**63 - 1}, {"temperature": 0}, {"top_p": 1}, {"top_k": 0}, {"temperature": 2}],
+    [
+        {"seed": 0},
+        {"seed": 2**63 - 1},
+        {"temperature": 0},
+        {"top_p": 1},
+        {"top_k": 0},
+        {"temperature": 2},
+        {"presence_penalty": -2},
+        {"frequency_penalty": 2},
+    ],
 )
 def test_boundary_params_are_accepted_and_the_largest_seed_seeds_a_generator(kwargs):
     params = SamplingParams(**kwargs)
     if params.seed is not None:
         assert generator(params.seed).initial_seed() == params.seed
+
+
+# ---- presence / frequency penalties (OpenAI: logits[t] -= presence * (count > 0) + frequency * count) ----
+
+
+def test_penalties_subtract_presence_once_and_frequency_per_occurrence():
+    logits = torch.zeros(5)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = penalize(logits, params, [1, 1, 1, 3])
+    assert out.tolist() == [0.0, -(0.5 + 0.75), 0.0, -(0.5 + 0.25), 0.0]
+    assert penalize(logits, SamplingParams(presence_penalty=-1.0), [4]).tolist() == [0, 0, 0, 0, 1.0]
+    assert penalize(logits, params, []).tolist() == [0.0] * 5  # nothing generated yet: nothing to penalize
+
+
+def test_a_penalty_changes_the_greedy_choice_and_only_for_its_own_row():
+    logits = torch.tensor([[0.0, 2.0, 1.9, 0.0]] * 2)
+    params = [SamplingParams(frequency_penalty=0.2), SamplingParams()]
+    assert sample(logits, params, [None, None], [[1], [1]]) == [2, 1]
+    assert sample(logits, params, [None, None], [[2], [2]]) == [1, 1]  # the penalized token was not 1
+
+
+def test_penalties_shift_sampled_frequencies():
+    """Token 1 (p=0.5) generated 4 times with frequency_penalty 1 loses e**4 of its odds."""
+    params = SamplingParams(temperature=1.0, frequency_penalty=1.0, seed=7)
+    gen = generator(7)
+    draws = Counter(sample(LOGITS[None], [params], [gen], [[1, 1, 1, 1]])[0] for _ in range(DRAWS))
+    expected = PROBS.clone()
+    expected[1] *= torch.exp(torch.tensor(-4.0))
+    expected /= expected.sum()
+    for token, p in enumerate(expected.tolist()):
+        assert abs(draws[token] / DRAWS - p) < 0.03, (token, draws)
+
+
+# ---- constraints (a grammar's token mask) ----------------------------------------------------------------
+
+
+class OnlyThese:
+    """A constraint allowing a fixed set of tokens; records what it was advanced with."""
+
+    def __init__(self, allowed: set[int]):
+        self.allowed_ids, self.accepted = allowed, []
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[list(self.allowed_ids)] = True
+        return mask
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+
+def test_a_constraint_masks_greedy_and_sampled_rows_and_is_advanced():
+    greedy, hot = OnlyThese({2, 4}), OnlyThese({0, 2})
+    params = [SamplingParams(), SamplingParams(temperature=5.0)]
+    gens = [None, generator(9, 5.0)]
+    picks = [sample(LOGITS[None].repeat(2, 1), params, gens, None, [greedy, hot]) for _ in range(300)]
+    assert {p[0] for p in picks} == {4}  # the argmax (1) is masked: the best allowed token is 4
+    assert {p[1] for p in picks} == {0, 2}  # hot sampling never leaks outside the mask
+    assert greedy.accepted == [p[0] for p in picks] and hot.accepted == [p[1] for p in picks]
+
+
+def test_each_sequence_gets_its_own_matcher_from_a_shared_grammar():
+    class CountingGrammar:
+        def __init__(self):
+            self.made = []
+
+        def matcher(self):
+            self.made.append(OnlyThese({1}))
+            return self.made[-1]
+
+    grammar = CountingGrammar()
+    params = SamplingParams(grammar=grammar)
+    seqs = [Sequence([0], params, FullPolicy()) for _ in range(3)]
+    assert [s.constraint for s in seqs] == grammar.made and len({id(m) for m in grammar.made}) == 3

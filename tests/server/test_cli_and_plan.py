@@ -9,7 +9,7 @@ import pytest
 from longserve.errors import InvalidParameterError
 from longserve.llm import LLM
 from longserve.server import cli as server_cli
-from longserve.server.kv_plan import KVMemory, parse_kv_memory, plan_kv
+from longserve.server.kv_plan import MAX_AUTO_SLOTS, KVMemory, parse_kv_memory, plan_kv
 from tests.tiny import tiny_loaded
 
 
@@ -48,6 +48,25 @@ def test_plan_counts_sliding_window_layers_as_their_ring():
         plan_kv(full, full.policy(), max_model_len=1024, max_kv_memory="1000tok")
     with pytest.raises(InvalidParameterError, match="max_model_len"):
         plan_kv(full, full.policy(), max_model_len=4096)
+
+
+def test_a_memory_limit_alone_sets_the_batch_size():
+    """Issue 16: `--max-kv-memory 2GiB` ran the default 8 slots while 45 fit."""
+    loaded, _ = tiny_loaded("llama")
+    llm = LLM(loaded=loaded, kv_policy="snapstream", kv_budget=128)  # LLM's default max_batch_size: 8
+    one = plan_kv(llm, llm.policy(), max_model_len=1024, max_kv_memory="128tok").slot_bytes
+    plan = plan_kv(llm, llm.policy(), max_model_len=1024, max_kv_memory=45 * one + one // 2)
+    assert (plan.n_slots, plan.sequences_by_memory, plan.slots_limited_by) == (45, 45, "memory")
+    assert "45 slots (all that --max-kv-memory" in plan.describe()
+    explicit = plan_kv(llm, llm.policy(), max_model_len=1024, max_batch_size=8, max_kv_memory=45 * one)
+    assert explicit.n_slots == 8 and "--max-batch-size; --max-kv-memory" in explicit.describe()
+    assert (
+        plan_kv(llm, llm.policy(), max_model_len=1024, max_batch_size=64, max_kv_memory=45 * one).n_slots
+        == 45
+    )
+    capped = plan_kv(llm, llm.policy(), max_model_len=1024, max_kv_memory=f"{1000 * 128}tok")
+    assert capped.n_slots == MAX_AUTO_SLOTS and capped.slots_limited_by == "cap"
+    assert plan_kv(llm, llm.policy(), max_model_len=1024).n_slots == 8  # no limit: the LLM's batch size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,3 +130,17 @@ def test_one_count_parser():
     assert parse_count("4k") == parse_lengths("4k")[0] == 4096 and parse_count("2m") == 2 * 1024**2
     with pytest.raises(ValueError):
         parse_count("1k2")
+
+
+def test_cmd_serve_derives_slots_from_memory_and_prints_the_plan(monkeypatch, loaded, capsys):
+    seen = {}
+    monkeypatch.setattr("longserve.llm.LLM", lambda model, **kw: LLM(loaded=loaded, **kw))
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app))
+    argv = ["serve", "--kv-policy", "snapstream", "--kv-budget", "64", "--max-model-len", "1024"]
+    args = _parser().parse_args([*argv, "--max-kv-memory", "2880tok"])
+    assert args.max_batch_size is None and args.func(args) == 0
+    assert seen["app"].state.server.plan.n_slots == 45  # 2880 / 64, not the default 8
+    line = capsys.readouterr().err
+    assert "KV plan 'snapstream': 45 slots (all that --max-kv-memory 2880tok holds" in line
+    args = _parser().parse_args([*argv, "--max-kv-memory", "2880tok", "--max-batch-size", "8"])
+    assert args.func(args) == 0 and seen["app"].state.server.plan.n_slots == 8

@@ -34,6 +34,19 @@ def _error(resp, status: int) -> dict:
         ({"messages": MESSAGES, "kv_policy": {"name": "nope"}}, "kv_policy"),
         ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": -1}}, "kv_policy"),
         ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": 64, "bogus": 1}}, "kv_policy"),
+        # tool calling is not implemented: refused, never silently answered as plain text
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
+        ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+        ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {
+                "messages": MESSAGES,
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 7}}},
+            },
+            "response_format",
+        ),
     ],
 )
 def test_invalid_parameters_are_400(server, payload, param):
@@ -51,6 +64,9 @@ BAD_SAMPLING = [
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"max_tokens": 0}, "max_tokens"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
 ]
 
 

@@ -126,6 +126,26 @@ def test_per_request_opt_out_and_bad_speculative_field(server, spec_server):
     assert bad.status_code == 400
 
 
+def test_penalties_and_response_format_run_on_the_batched_engine(server, spec_server):
+    """The speculative decoder applies neither: such requests go to the batched sampler (or are refused
+    when they insist on speculative decoding), never answered with the fields silently dropped."""
+    drafted = _metrics(spec_server)["longserve_spec_draft_tokens_total"]
+    text, r = _chat(spec_server, frequency_penalty=1.5)
+    assert text == _chat(server, frequency_penalty=1.5)[0] != _chat(server)[0]
+    assert "speculative" not in r.model_extra["longserve"]
+    assert _metrics(spec_server)["longserve_spec_draft_tokens_total"] == drafted
+    bad = spec_server.http.post(
+        "/v1/completions",
+        json={
+            "prompt": "x",
+            "max_tokens": 2,
+            "speculative": True,
+            "response_format": {"type": "json_object"},
+        },
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative"
+
+
 def test_seeded_sampling_is_reproducible(spec_server):
     client = spec_server.client()
     sampled = [

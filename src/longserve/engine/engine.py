@@ -220,7 +220,13 @@ class LLMEngine:
 
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Sample one token per sequence from `logits` [B, V] and append it."""
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.generator for s in seqs],
+            [s.output_ids for s in seqs],
+            [s.constraint for s in seqs],
+        )
         return [self._append(seq, [token])[0] for seq, token in zip(seqs, tokens, strict=True)]
 
     def append_tokens(self, seq: Sequence, ids: list[int]) -> list[StepOutput]:

@@ -1,10 +1,13 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, with a per-request seed."""
+"""Per-request sampling: greedy, temperature, top-k, top-p, with a per-request seed; OpenAI's presence and
+frequency penalties; and an optional constraint (a grammar, see `engine.grammar`) that masks the logits
+before any of it, so even a greedy or hot request can only produce tokens the grammar allows."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -24,6 +27,28 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+#: OpenAI's range for presence_penalty and frequency_penalty.
+PENALTY_LIMIT = 2.0
+
+
+class Constraint(Protocol):
+    """One sequence's decoding constraint (stateful: it follows the tokens sampled so far)."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """A bool mask [vocab_size] of the tokens that may come next (never all False)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled token."""
+        ...
+
+
+class Grammar(Protocol):
+    """What a request carries (immutable, shareable between sequences); each sequence gets a matcher."""
+
+    def matcher(self) -> Constraint: ...
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -33,6 +58,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # OpenAI semantics, over the tokens generated so far:
+    # logits[t] -= presence_penalty * (count[t] > 0) + frequency_penalty * count[t]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: Grammar | None = None  # e.g. `engine.grammar.json_grammar(...)`: structured output
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +81,14 @@ class SamplingParams:
                 self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
                 "an integer in [0, 2**63)",
             ),
+            *(
+                (
+                    name,
+                    _is_real(v := getattr(self, name)) and -PENALTY_LIMIT <= v <= PENALTY_LIMIT,
+                    "in [-2, 2]",
+                )
+                for name in ("presence_penalty", "frequency_penalty")
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -59,6 +97,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, output_ids: list[int]) -> torch.Tensor:
+    """One row of logits less the presence and frequency penalties of the tokens generated so far."""
+    if not params.penalized or not output_ids:
+        return logits
+    vocab = logits.shape[-1]
+    counts = torch.bincount(torch.as_tensor(output_ids, device=logits.device), minlength=vocab)[:vocab]
+    counts = counts.to(logits.dtype)
+    return (
+        logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
+    )
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -79,15 +133,30 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    outputs: list[list[int]] | None = None,
+    constraints: list[Constraint | None] | None = None,
 ) -> list[int]:
-    """logits [B, V] -> one token per row. Greedy rows skip all filtering."""
+    """logits [B, V] -> one token per row. `outputs`: each row's generated tokens (for the penalties);
+    `constraints`: each row's constraint, masked in first and advanced past the chosen token. Plain
+    greedy rows skip all filtering (one batched argmax)."""
+    outputs = outputs if outputs is not None else [[] for _ in params]
+    constraints = constraints if constraints is not None else [None] * len(params)
     greedy = logits.argmax(-1).tolist()
     out = []
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
+    for row, (p, gen, done, constraint) in enumerate(
+        zip(params, generators, outputs, constraints, strict=True)
+    ):
+        if p.greedy and not p.penalized and constraint is None:
             out.append(greedy[row])
-        else:
-            probs = filter_logits(logits[row].float(), p)
-            out.append(int(torch.multinomial(probs, 1, generator=gen)))
+            continue
+        x = penalize(logits[row].float(), p, done)
+        if constraint is not None:
+            x = x.masked_fill(~constraint.allowed(x.shape[-1]).to(x.device), float("-inf"))
+        token = int(x.argmax() if p.greedy else torch.multinomial(filter_logits(x, p), 1, generator=gen))
+        if constraint is not None:
+            constraint.accept(token)
+        out.append(token)
     return out

@@ -9,7 +9,7 @@ from enum import Enum
 
 import torch
 
-from longserve.engine.sampler import SamplingParams
+from longserve.engine.sampler import Constraint, SamplingParams
 from longserve.kv.policies import Policy
 
 _ids = itertools.count()
@@ -39,6 +39,7 @@ class Sequence:
     cache_ids: list[int] | None = None  # the whole prompt, for the prefix cache (None: not cacheable)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # this sequence's grammar matcher (from params.grammar)
     text: str = ""  # detokenized output so far (stop strings are matched on it)
     detok_offsets: tuple[int, int] = (0, 0)  # output ids: start of the last emitted piece, end of it
     # timings and memory, reported in the request stats
@@ -61,6 +62,8 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(self.params.seed)
         elif not self.params.greedy:
             self.generator = torch.Generator().manual_seed(torch.seed() % (2**63))
+        if self.params.grammar is not None and self.constraint is None:
+            self.constraint = self.params.grammar.matcher()
 
     @property
     def prompt_len(self) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longserve.errors import InvalidParameterError, LongserveError
@@ -32,7 +32,16 @@ from longserve.server.errors import APIError, APIKeyMiddleware, error_response
 from longserve.server.kv_plan import plan_kv
 from longserve.server.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from longserve.server.metrics import Metrics
+from longserve.server.openapi import (
+    TEXT_RESPONSE,
+    ModelCard,
+    ModelList,
+    errors,
+    generation_responses,
+    match_behaviour,
+)
 from longserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from longserve.server.responses import ChatCompletion, Completion
 from longserve.server.serving import ChatFormat, CompletionFormat, respond
 from longserve.server.serving_engine import ServerState
 from longserve.server.speculative import SpeculativeEngine
@@ -154,6 +163,13 @@ def create_app(
             await asyncio.to_thread(worker.shutdown)
 
     app = FastAPI(title="longserve", lifespan=lifespan)
+    match_behaviour(
+        app,
+        vocab_size=llm.loaded.args.vocab_size,
+        max_model_len=plan.max_model_len,
+        speculative=spec is not None,
+        spec_prefill=spec_prefill is not None,
+    )
     app.state.server = state
     app.add_exception_handler(LongserveError, lambda _, exc: error_response(exc))
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -165,7 +181,7 @@ def create_app(
 
     v1 = APIRouter(prefix="/v1")
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=generation_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.perf_counter()
         state.check_model(body.model)
@@ -174,7 +190,7 @@ def create_app(
         prompt = await state.prepare(body, ids, messages)
         return await respond(state, request, body, prompt, ChatFormat(model_id), arrival)
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=generation_responses(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival = time.perf_counter()
         state.check_model(body.model)
@@ -183,22 +199,29 @@ def create_app(
         prompt = await state.prepare(body, ids, body.prompt if isinstance(body.prompt, str) else ids)
         return await respond(state, request, body, prompt, CompletionFormat(model_id), arrival)
 
-    @v1.get("/models")
-    async def models() -> dict:
-        card = {
-            "id": model_id,
-            "object": "model",
-            "created": int(time.time()),
-            "owned_by": "longserve",
-            "root": str(name),
-            "max_model_len": plan.max_model_len,
-            "longserve": {"kv": plan.as_dict(), **features},
-        }
-        return {"object": "list", "data": [card]}
+    def card() -> ModelCard:
+        return ModelCard(
+            id=model_id,
+            created=int(time.time()),
+            owned_by="longserve",
+            root=str(name),
+            max_model_len=plan.max_model_len,
+            longserve={"kv": plan.as_dict(), **features},
+        )
+
+    @v1.get("/models", responses=errors(401))
+    async def models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @v1.get("/models/{model:path}", responses=errors(401, 404))
+    async def model(model: str) -> ModelCard:
+        """One model object (OpenAI's retrieve): the served id or one of its aliases; else 404."""
+        state.check_model(model)
+        return card()
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "the engine is not running (same body)"}})
     async def health() -> JSONResponse:
         pool = engine.engine.pool
         ok = all(worker.is_alive for worker in workers)
@@ -216,7 +239,7 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=TEXT_RESPONSE)
     async def metrics() -> Response:
         content, content_type = shared_metrics.render()
         return Response(content, media_type=content_type)

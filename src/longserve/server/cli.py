@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from longserve.cli import _human, add_policy_args, policy_kwargs, require_positive
+from longserve.cli import add_policy_args, policy_kwargs, require_positive
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -28,7 +28,12 @@ def register(sub) -> None:
     p.add_argument(
         "--max-model-len", type=int, help="prompt + output tokens per request (default: context window)"
     )
-    p.add_argument("--max-batch-size", type=int, default=8, help="most sequences decoded together (KV slots)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="most sequences decoded together (KV slots); default: all that --max-kv-memory holds "
+        "(up to 256), or 8 without it",
+    )
     p.add_argument(
         "--max-waiting", type=int, default=128, help="queued requests beyond which 429 is returned"
     )
@@ -92,6 +97,7 @@ def cmd_serve(args) -> int:
         num_draft_tokens=args.num_draft_tokens,
         max_step_tokens=args.max_step_tokens,
         max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size,
     )
     if args.prefix_cache_memory:
         from longserve.server.kv_plan import parse_byte_size
@@ -109,7 +115,7 @@ def cmd_serve(args) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
+        **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,
         draft=args.draft,
@@ -144,9 +150,7 @@ def cmd_serve(args) -> int:
             f" | speculative prefill: draft '{state.prefill.draft_name}', keep {spec_prefill.config.keep:g}"
         )
     print(
-        f"serving '{state.model_id}' at http://{args.host}:{args.port}/v1 | KV '{plan.policy}': {plan.n_slots} "
-        f"slots x {plan.slot_capacity} tok ({_human(plan.slot_bytes)} each, {_human(plan.pool_bytes)} total), "
-        f"{plan.capacity_ratio:.1f}x the sequences of 'full' per byte | max_model_len {plan.max_model_len}"
+        f"serving '{state.model_id}' at http://{args.host}:{args.port}/v1 | {plan.describe()}"
         f"{extras}{' | API key required' if api_key else ''}",
         file=sys.stderr,
     )

@@ -3,8 +3,10 @@
 The engine's pool has `n_slots` slots of one fixed `capacity` (tokens per global layer). A fixed-size
 policy (ring/evict: streaming, snapstream, h2o, ...) never holds more than its budget however long the
 sequence, so its slot is the budget; a growing policy (append: full, snapkv, ...) may hold the whole
-`max_model_len`. The number of slots is what the memory limit allows, capped by `max_batch_size`, so
-admission is exact: a running sequence can never run out of KV memory.
+`max_model_len`. The number of slots is what the memory limit allows, capped by `max_batch_size` when
+one is given (else by `MAX_AUTO_SLOTS`: a memory limit alone decides the batch, so `--max-kv-memory 2GiB`
+under snapstream runs every slot that fits, not a default 8), so admission is exact: a running sequence
+can never run out of KV memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass
 from longserve.errors import InvalidParameterError
 from longserve.kv.cache import KVPool
 from longserve.kv.policies import Policy
-from longserve.units import SUFFIXES, parse_count
+from longserve.units import SUFFIXES, human_bytes, parse_count
 
 #: Explicit byte units keep their standard meaning; bare suffixes (`4k`, `2g`) and token counts (`64ktok`)
 #: go through `longserve.units.parse_count`, where `k` is 1024 as everywhere else in longserve.
@@ -32,6 +34,9 @@ _BYTE_UNITS = {
     "tib": 1024**4,
 }
 _TOKEN_UNITS = ("tok", "toks", "token", "tokens")
+#: Slots a memory limit may buy when no batch size is given: beyond this a decode step's attention and
+#: bookkeeping grow while each sequence gets slower, so more slots stop paying for themselves.
+MAX_AUTO_SLOTS = 256
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class KVPlan:
     kv_memory: str | None  # the limit as given
     sequences_by_memory: int | None  # slots the limit allows under the default policy
     full_sequences_by_memory: int | None  # ... and under `full`
+    slots_limited_by: str = "max_batch_size"  # what set n_slots: max_batch_size, memory, cap, default
 
     @property
     def pool_bytes(self) -> int:
@@ -103,6 +109,31 @@ class KVPlan:
     def as_dict(self) -> dict:
         return {**asdict(self), "pool_bytes": self.pool_bytes, "capacity_ratio_vs_full": self.capacity_ratio}
 
+    def describe(self) -> str:
+        """The plan in one line, printed at startup, so the batch size is never a surprise."""
+        why = {
+            "memory": f"all that --max-kv-memory {self.kv_memory} holds",
+            "max_batch_size": "--max-batch-size"
+            + (
+                f"; --max-kv-memory {self.kv_memory} holds {self.sequences_by_memory}"
+                if self.kv_memory
+                else ""
+            ),
+            "cap": f"capped at {MAX_AUTO_SLOTS}; --max-kv-memory {self.kv_memory} holds "
+            f"{self.sequences_by_memory}, set --max-batch-size to go higher",
+            "default": "the default batch size; no --max-kv-memory or --max-batch-size given",
+        }[self.slots_limited_by]
+        full = (
+            f"; under 'full' it would hold {self.full_sequences_by_memory}"
+            if self.full_sequences_by_memory is not None and self.policy != "full"
+            else ""
+        )
+        return (
+            f"KV plan '{self.policy}': {self.n_slots} slots ({why}{full}) x {self.slot_capacity} tok "
+            f"({human_bytes(self.slot_bytes)} each, {human_bytes(self.pool_bytes)} total), "
+            f"{self.capacity_ratio:.1f}x the sequences of 'full' per byte | max_model_len {self.max_model_len}"
+        )
+
 
 def plan_kv(
     llm,
@@ -112,14 +143,17 @@ def plan_kv(
     max_batch_size: int | None = None,
     max_kv_memory: str | int | None = None,
 ) -> KVPlan:
-    """Size the engine for `llm` serving `policy` by default; raises if not even one slot fits."""
+    """Size the engine for `llm` serving `policy` by default; raises if not even one slot fits.
+
+    Slots: `min(max_batch_size, what max_kv_memory holds)`; with a memory limit and no `max_batch_size`,
+    what the memory holds (up to `MAX_AUTO_SLOTS`); with neither, `llm.max_batch_size`."""
     window = llm.context_window
     max_model_len = max_model_len or window
     if not 0 < max_model_len <= window:
         raise InvalidParameterError(
             f"max_model_len must be in [1, {window}] (the model's context window), got {max_model_len}"
         )
-    batch = max_batch_size or llm.max_batch_size
+    batch = max_batch_size if max_batch_size is not None else llm.max_batch_size
     if batch < 1:
         raise InvalidParameterError(f"max_batch_size must be >= 1, got {batch}")
     capacity = slot_capacity(policy, max_model_len)
@@ -138,7 +172,12 @@ def plan_kv(
                 f"{slot_b} bytes under '{policy.name}'); raise it, lower --max-model-len or use a "
                 "compressing policy such as snapstream"
             )
-    n_slots = batch if fit is None else min(batch, fit)
+    if fit is None:
+        n_slots, limited_by = batch, "max_batch_size" if max_batch_size is not None else "default"
+    elif max_batch_size is not None:
+        n_slots, limited_by = min(max_batch_size, fit), "max_batch_size" if max_batch_size < fit else "memory"
+    else:
+        n_slots, limited_by = min(fit, MAX_AUTO_SLOTS), "cap" if fit > MAX_AUTO_SLOTS else "memory"
     return KVPlan(
         policy.name,
         max_model_len,
@@ -149,4 +188,5 @@ def plan_kv(
         None if max_kv_memory is None else str(max_kv_memory),
         fit,
         fit_full,
+        limited_by,
     )

@@ -19,7 +19,8 @@ from longserve.engine.sequence import Sequence
 from longserve.errors import LongserveError
 from longserve.server.async_engine import RequestStream
 from longserve.server.errors import error_body
-from longserve.server.protocol import (
+from longserve.server.protocol import GenerationRequest
+from longserve.server.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -27,7 +28,6 @@ from longserve.server.protocol import (
     Completion,
     CompletionChoice,
     Delta,
-    GenerationRequest,
     ResponseMessage,
     Usage,
 )

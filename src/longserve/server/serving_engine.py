@@ -4,10 +4,13 @@ resolves KV policies, tokenizes prompts, applies speculative prefill and submits
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import jinja2
 
+from longserve.engine.grammar import json_grammar
+from longserve.engine.sampler import Grammar
 from longserve.errors import ContextLengthError, InvalidParameterError
 from longserve.kv.policies import Policy, make_policy
 from longserve.llm import LLM
@@ -32,6 +35,7 @@ class PreparedPrompt:
     ids: list[int]
     positions: list[int] | None = None
     compressed: CompressedPrompt | None = None
+    grammar: Grammar | None = None  # the request's response_format, compiled
 
     @property
     def original_tokens(self) -> int:
@@ -101,14 +105,31 @@ class ServerState:
         return list(request.prompt)
 
     def speculative(self, request: GenerationRequest) -> bool:
-        """Whether this request goes through the speculative decoder."""
+        """Whether this request goes through the speculative decoder: not when it needs penalties or a
+        grammar, which only the batched engine's sampler applies."""
         if request.speculative and self.spec is None:
             raise APIError(
                 "speculative decoding was requested but this server has no draft model "
                 "(start it with --draft MODEL)",
                 param="speculative",
             )
-        return self.spec is not None and request.speculative is not False
+        if request.speculative and request.needs_sampler:
+            raise APIError(
+                "speculative decoding does not apply response_format, presence_penalty or "
+                'frequency_penalty; send "speculative": false (or omit it)',
+                param="speculative",
+            )
+        return self.spec is not None and request.speculative is not False and not request.needs_sampler
+
+    def grammar(self, request: GenerationRequest) -> Grammar | None:
+        """The request's `response_format` compiled for our tokenizer (400 on a schema it cannot follow).
+        Blocking (the first call builds the tokenizer's trie, ~0.5 s): called off the event loop."""
+        if not request.constrained:
+            return None
+        try:
+            return json_grammar(request.response_format.target_schema, self.llm.loaded)
+        except InvalidParameterError as exc:
+            raise APIError(str(exc), param="response_format") from None
 
     def max_new_tokens(self, request: GenerationRequest, n: int) -> int:
         """max_tokens for a prompt of `n` tokens (its original length when pruned: positions go on from
@@ -133,17 +154,18 @@ class ServerState:
             enabled, _ = parse_option(request.spec_prefill, self.prefill.draft_name)
         except InvalidParameterError as exc:
             raise APIError(str(exc), param="spec_prefill") from None
+        grammar = await asyncio.to_thread(self.grammar, request) if request.constrained else None
         if not enabled:
-            return PreparedPrompt(ids)
+            return PreparedPrompt(ids, grammar=grammar)
         self.max_new_tokens(request, len(ids))  # a prompt that cannot fit is refused before the draft runs
         cp = await self.prefill.compress(self.llm, prompt, request.spec_prefill)
         if cp is None:
-            return PreparedPrompt(ids)
+            return PreparedPrompt(ids, grammar=grammar)
         m = self.engine.metrics
         m.spec_prefill_requests.inc()
         m.spec_prefill_original_tokens.inc(cp.original_tokens)
         m.spec_prefill_kept_tokens.inc(len(cp.ids))
-        return PreparedPrompt(list(cp.ids), cp.positions, cp)
+        return PreparedPrompt(list(cp.ids), cp.positions, cp, grammar)
 
     def submit(
         self,
@@ -154,9 +176,9 @@ class ServerState:
     ) -> RequestStream:
         """Validate everything that can be a 400 now, before any response byte is sent, then queue."""
         if not isinstance(prompt, PreparedPrompt):
-            prompt = PreparedPrompt(list(prompt))
+            prompt = PreparedPrompt(list(prompt), grammar=self.grammar(request))
         max_new = self.max_new_tokens(request, prompt.original_tokens)
-        params = request.sampling_params(max_new)
+        params = request.sampling_params(max_new, prompt.grammar)
         policy = self.policy(request.kv_policy)
         # reads fixed sizes only: safe off the engine thread; bounds a speculative request's slot too
         self.engine.engine.check(len(prompt.ids), params, policy, positions=prompt.positions)
