@@ -22,6 +22,14 @@ from longserve.kv.policies import Policy
 from longserve.loader import LoadedModel
 
 
+@dataclass(frozen=True)
+class _PrefixShape:
+    """The sizes `check` reads from a prefix, for one not made yet."""
+
+    next_pos: int
+    fill: int
+
+
 @dataclass
 class StepOutput:
     seq: Sequence
@@ -82,6 +90,18 @@ class LLMEngine:
                 f'{{"name": "snapstream", "budget": {self.pool.capacity}}}, or restart the server with '
                 f"a larger --kv-budget (or --kv-policy full, whose slots hold --max-model-len)"
             )
+
+    def check_cache_prefix(
+        self, prompt_len: int, params: SamplingParams, policy: Policy, spec: CachePrefix
+    ) -> None:
+        """`check` for a request whose first `spec.n_tokens` become a compressed prefix, before it is
+        compressed: the prefix holds what the policy keeps of it, the rest runs under `policy`."""
+        if not 0 < spec.n_tokens < prompt_len:
+            raise InvalidParameterError(
+                f"cache_prefix covers {spec.n_tokens} of the prompt's {prompt_len} tokens; it must leave at least one"
+            )
+        shape = _PrefixShape(next_pos=spec.n_tokens, fill=spec.policy.kept(spec.n_tokens))
+        self.check(prompt_len - spec.n_tokens, params, policy, prefix=shape)
 
     def add_request(
         self,

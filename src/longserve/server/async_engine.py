@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from longserve.engine.engine import LLMEngine, StepOutput
+from longserve.engine.prefix_cache import CachePrefix
 from longserve.engine.sampler import SamplingParams
 from longserve.engine.sequence import Sequence
 from longserve.errors import LongserveError
@@ -42,6 +43,7 @@ class _Request:
     policy: Policy
     loop: asyncio.AbstractEventLoop
     positions: list[int] | None = None  # original position ids of a pruned (speculative prefill) prompt
+    cache_prefix: CachePrefix | None = None  # the prompt's start to compress once and reuse
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against max_waiting until it holds a KV slot
@@ -133,6 +135,7 @@ class EngineThread:
         request_id: str,
         positions: list[int] | None = None,
         arrival: float | None = None,
+        cache_prefix: CachePrefix | None = None,
     ) -> RequestStream:
         """Queue a request (raises `QueueFullError` at once if too many wait); iterate the result.
         `positions`: original position ids of a pruned prompt; `arrival`: when the HTTP request came in
@@ -140,7 +143,8 @@ class EngineThread:
         if self._stopping:
             raise APIError("the server is shutting down", status_code=503, error_type="server_error")
         self.start()
-        request = _Request(request_id, prompt_ids, params, policy, asyncio.get_running_loop(), positions)
+        loop = asyncio.get_running_loop()
+        request = _Request(request_id, prompt_ids, params, policy, loop, positions, cache_prefix)
         if arrival is not None:
             request.arrival = arrival
         with self._lock:
@@ -293,6 +297,7 @@ class AsyncEngine(EngineThread):
                 request.policy,
                 request_id=request.request_id,
                 positions=request.positions,
+                cache_prefix=request.cache_prefix,
             )
             seq.arrival = request.arrival  # TTFT counts the time spent in our queue too
         except Exception as exc:  # a bad request must not stop the loop

@@ -192,4 +192,12 @@ class PrefixCacheCollector:
         yield CounterMetricFamily(f"{p}_evictions", "Entries evicted under the byte budget", value=s.evicted)
         yield GaugeMetricFamily(f"{p}_bytes", "K/V bytes the cache holds", value=s.bytes)
         yield GaugeMetricFamily(f"{p}_entries", "Cached prompts", value=s.entries)
+        yield GaugeMetricFamily(
+            f"{p}_compressed_entries", "Entries holding a compressed prefix", value=s.compressed_entries
+        )
+        yield CounterMetricFamily(
+            f"{p}_compressed_hits",
+            "Requests that attached a cached compressed prefix",
+            value=s.compressed_hits,
+        )
         yield GaugeMetricFamily(f"{p}_max_bytes", "The cache's byte budget", value=self.cache.max_bytes)

@@ -77,6 +77,25 @@ class KVPolicySpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class CachePrefixSpec(BaseModel):
+    """Compress-and-cache the start of the prompt: `{"policy": "snapkv", "ratio": 0.25}` (+ `"tokens": N`;
+    chat requests default to everything before the last message). Other keys go to the policy."""
+
+    model_config = REQUEST_CONFIG
+    policy: str = "full"
+    budget: int | None = Field(default=None, ge=1)
+    ratio: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("budget", "tokens", mode="before")
+    @classmethod
+    def _json_int(cls, value: Any) -> Any:
+        return integral_floats(value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**(self.model_extra or {}), **self.model_dump(exclude_none=True)}
+
+
 class JSONSchemaFormat(BaseModel):
     """`response_format.json_schema`: OpenAI's `{"name": ..., "schema": {...}, "strict": ...}`."""
 
@@ -139,6 +158,7 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extra: generate exactly max_tokens (benchmarks)
     kv_policy: KVPolicySpec | None = None
+    cache_prefix: CachePrefixSpec | None = None  # extra: see CachePrefixSpec (needs --prefix-cache-memory)
     # validated by longserve.specprefill.serving.parse_option (400 on bad values); the schema says what it takes
     spec_prefill: Any = Field(
         default=None,
@@ -196,7 +216,11 @@ class GenerationRequest(BaseModel):
     @property
     def needs_sampler(self) -> bool:
         """Whether this request needs the batched sampler's features (the speculative decoder has none)."""
-        return self.constrained or bool(self.presence_penalty or self.frequency_penalty)
+        return (
+            self.constrained
+            or bool(self.presence_penalty or self.frequency_penalty)
+            or self.cache_prefix is not None
+        )
 
     def sampling_params(self, max_new_tokens: int, grammar: Grammar | None = None) -> SamplingParams:
         return SamplingParams(

@@ -8,6 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, model_serializer
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's field)
+
+
 class Usage(BaseModel):
     """`prompt_tokens` are the tokens the target prefilled; with speculative prefill
     `original_prompt_tokens` is the prompt's length before pruning (absent otherwise)."""
@@ -15,16 +19,22 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
     original_prompt_tokens: int | None = None
 
     @classmethod
     def of(
-        cls, prompt_tokens: int, completion_tokens: int, original_prompt_tokens: int | None = None
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        original_prompt_tokens: int | None = None,
+        cached_tokens: int = 0,
     ) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
             original_prompt_tokens=original_prompt_tokens,
         )
 

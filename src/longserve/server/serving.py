@@ -100,7 +100,7 @@ def usage_of(seq: Sequence, prompt: PreparedPrompt) -> Usage:
     """Usage with the original prompt length when the prompt was pruned; prompt tokens served from
     the prefix cache count as prompt tokens (as in OpenAI's usage)."""
     original = prompt.compressed.original_tokens if prompt.compressed is not None else None
-    return Usage.of(seq.prompt_len + seq.prefix_tokens, len(seq.output_ids), original)
+    return Usage.of(seq.prompt_len + seq.prefix_tokens, len(seq.output_ids), original, seq.cached_tokens)
 
 
 def stats_of(seq: Sequence, prompt: PreparedPrompt) -> dict:

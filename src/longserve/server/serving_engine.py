@@ -10,9 +10,10 @@ import dataclasses
 import jinja2
 
 from longserve.engine.grammar import json_grammar
+from longserve.engine.prefix_cache import CachePrefix
 from longserve.engine.sampler import Grammar
 from longserve.errors import ContextLengthError, InvalidParameterError
-from longserve.kv.policies import Policy, make_policy
+from longserve.kv.policies import FullPolicy, Policy, make_policy
 from longserve.llm import LLM
 from longserve.server.async_engine import AsyncEngine, RequestStream
 from longserve.server.errors import APIError
@@ -83,8 +84,12 @@ class ServerState:
         except InvalidParameterError as exc:
             raise APIError(str(exc), param="kv_policy") from None
 
+    @staticmethod
+    def messages(request: ChatCompletionRequest) -> list[dict]:
+        return [{"role": m.role, "content": m.content} for m in request.messages]
+
     def chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = self.messages(request)
         tokenizer = self.llm.tokenizer
         if getattr(tokenizer, "chat_template", None):
             try:
@@ -115,8 +120,8 @@ class ServerState:
             )
         if request.speculative and request.needs_sampler:
             raise APIError(
-                "speculative decoding does not apply response_format, presence_penalty or "
-                'frequency_penalty; send "speculative": false (or omit it)',
+                "speculative decoding does not apply response_format, presence_penalty, "
+                'frequency_penalty or cache_prefix; send "speculative": false (or omit it)',
                 param="speculative",
             )
         return self.spec is not None and request.speculative is not False and not request.needs_sampler
@@ -179,9 +184,13 @@ class ServerState:
             prompt = PreparedPrompt(list(prompt), grammar=self.grammar(request))
         max_new = self.max_new_tokens(request, prompt.original_tokens)
         params = request.sampling_params(max_new, prompt.grammar)
-        policy = self.policy(request.kv_policy)
+        cache_prefix = self.cache_prefix(request, prompt)
+        policy = FullPolicy() if cache_prefix is not None else self.policy(request.kv_policy)
         # reads fixed sizes only: safe off the engine thread; bounds a speculative request's slot too
-        self.engine.engine.check(len(prompt.ids), params, policy, positions=prompt.positions)
+        if cache_prefix is not None:
+            self.engine.engine.check_cache_prefix(len(prompt.ids), params, policy, cache_prefix)
+        else:
+            self.engine.engine.check(len(prompt.ids), params, policy, positions=prompt.positions)
         if self.speculative(request):
             if prompt.positions is not None:  # create_app refuses the combination; never run it wrongly
                 raise APIError(
@@ -191,5 +200,36 @@ class ServerState:
             self.spec.check(len(prompt.ids), params)
             return self.spec.submit(prompt.ids, params, policy, request_id, arrival=arrival)
         return self.engine.submit(
-            prompt.ids, params, policy, request_id, positions=prompt.positions, arrival=arrival
+            prompt.ids,
+            params,
+            policy,
+            request_id,
+            positions=prompt.positions,
+            arrival=arrival,
+            cache_prefix=cache_prefix,
         )
+
+    def cache_prefix(self, request: GenerationRequest, prompt: PreparedPrompt) -> CachePrefix | None:
+        """The request's `cache_prefix` as the engine takes it (400s for what cannot work)."""
+        spec = request.cache_prefix
+        if spec is None:
+            return None
+        if self.llm.prefix_cache is None:
+            raise APIError(
+                "cache_prefix needs a prefix cache: start the server with --prefix-cache-memory",
+                param="cache_prefix",
+            )
+        if request.kv_policy is not None or prompt.positions is not None:
+            raise APIError(
+                "cache_prefix sets the policy of the prompt's start and runs the rest under 'full': "
+                "send it without kv_policy and spec_prefill",
+                param="cache_prefix",
+            )
+        messages = getattr(request, "messages", None)
+        split = None
+        if messages is not None and spec.tokens is None and self.llm.tokenizer.chat_template:
+            split = self.llm.chat_prefix_len(self.messages(request), prompt.ids)
+        try:
+            return CachePrefix.from_spec(spec.as_dict(), split)
+        except InvalidParameterError as exc:
+            raise APIError(str(exc), param="cache_prefix") from None
