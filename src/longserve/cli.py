@@ -40,6 +40,26 @@ def policy_kwargs(args) -> dict:
     return out
 
 
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    """`--dtype`, validated by `check_dtype` (not argparse `choices`, whose error is a multi-line usage)."""
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on CPUs with native bf16, e.g. AVX512-BF16/AMX; float32 elsewhere), "
+        "float32, bfloat16 or float16",
+    )
+
+
+def check_dtype(args) -> str:
+    """The resolved --dtype name, or the one-line error before any weights load."""
+    from longserve.loader import dtype_name
+
+    try:
+        return dtype_name(args.dtype)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--{exc}") from None
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -61,10 +81,35 @@ def cmd_models(args) -> int:
                 f"{r['license']:12} {'yes' if r['cached'] else 'no'}"
             )
         return 0
+    if args.action == "verify":
+        return verify_models(args.name)
     if not args.name:
         raise LongserveError("usage: longserve models pull NAME [--force]")
     path = zoo.pull(args.name, force=args.force)
     print(f"{args.name}: ready in {path}")
+    return 0
+
+
+def verify_models(name: str | None) -> int:
+    """Re-hash every file of one cached model (or of all of them) against its manifest's sha256."""
+    from longserve import zoo
+
+    models = zoo.home() / "models"
+    names = [name] if name else sorted(d.name for d in models.glob("*") if (d / zoo.MANIFEST).is_file())
+    if not names:
+        print(f"no models in {models}")
+        return 0
+    failures = []
+    for n in names:
+        try:
+            zoo.verify(n, deep=True)
+        except LongserveError as exc:
+            failures.append(str(exc))
+            continue
+        print(f"{n}: ok")
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise LongserveError(failures[0] + more)
     return 0
 
 
@@ -147,6 +192,7 @@ def cmd_generate(args) -> int:
 
     # validate everything cheap before loading weights
     require_positive(threads=args.threads, num_draft_tokens=args.num_draft_tokens)
+    check_dtype(args)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     check_policy(args)
     text = read_prompt(args)
@@ -231,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list or pull zoo models")
-    p.add_argument("action", choices=["list", "pull"])
+    p = sub.add_parser("models", help="list, pull or verify (re-hash) zoo models")
+    p.add_argument("action", choices=["list", "pull", "verify"])
     p.add_argument("name", nargs="?")
     p.add_argument("--force", action="store_true", help="re-download and re-convert")
     p.set_defaults(func=cmd_models)
@@ -242,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, HF directory or .gguf file")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_args(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--draft", help="draft model for speculative decoding (must share the target's tokenizer)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per verification (adaptive)")

@@ -16,7 +16,7 @@ from longserve.engine.prefix_cache import PrefixCache
 from longserve.engine.sampler import SamplingParams
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy, Policy, make_policy
-from longserve.loader import DTYPES, LoadedModel, load
+from longserve.loader import DTYPES, LoadedModel, dtype_name, load
 from longserve.zoo import DEFAULT_MODEL
 
 Prompt = str | list[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
@@ -36,7 +36,8 @@ class LLM:
     """Load a model once, then generate under any KV policy.
 
     `kv_policy` / `kv_budget` (tokens) / `kv_ratio` (of the prompt) set the default policy; every
-    call may override them. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
+    call may override them. `dtype="auto"` runs bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX)
+    and float32 elsewhere; "float32", "bfloat16" or "float16" force one. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
     policy's constructor.
     """
 
@@ -46,7 +47,7 @@ class LLM:
         kv_policy: str = "full",
         kv_budget: int | None = None,
         kv_ratio: float | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_batch_size: int = 8,
         prefill_chunk: int = 4096,
         threads: int | None = None,
@@ -58,8 +59,9 @@ class LLM:
         device: str | torch.device | None = None,
         **policy_kwargs,
     ):
-        if dtype not in DTYPES:
-            raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}")
+        if loaded is not None and dtype == "auto":  # a model handed in keeps the dtype it has
+            dtype = next(k for k, v in DTYPES.items() if v == loaded.model.lm_head.weight.dtype)
+        dtype = dtype_name(dtype, device)  # "auto": bf16 where the hardware has it (see loader.default_dtype)
         if threads:
             torch.set_num_threads(threads)
         self.loaded = loaded or load(model, dtype=dtype, progress=progress)

@@ -33,15 +33,18 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
-def default_dtype() -> str:
-    """The dtype "auto" means: bfloat16 on CPUs with native bf16, float32 elsewhere."""
+def default_dtype(device: str | torch.device | None = None) -> str:
+    """The dtype "auto" means: bfloat16 where the hardware multiplies it natively (a CPU with
+    AVX512-BF16/AMX, a CUDA GPU that supports it), float32 elsewhere."""
+    if device is not None and torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if native_bf16() else "float32"
 
 
-def dtype_name(dtype: str) -> str:
+def dtype_name(dtype: str, device: str | torch.device | None = None) -> str:
     """``dtype`` checked and with "auto" resolved, or InvalidParameterError naming the choices."""
     if dtype == "auto":
-        return default_dtype()
+        return default_dtype(device)
     if dtype not in DTYPES:
         raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     return dtype

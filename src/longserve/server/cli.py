@@ -6,7 +6,14 @@ import argparse
 import os
 import sys
 
-from longserve.cli import _human, add_policy_args, policy_kwargs, require_positive
+from longserve.cli import (
+    _human,
+    add_dtype_args,
+    add_policy_args,
+    check_dtype,
+    policy_kwargs,
+    require_positive,
+)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -47,7 +54,7 @@ def register(sub) -> None:
     p.add_argument(
         "--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_args(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_policy_args(p)
@@ -93,6 +100,7 @@ def cmd_serve(args) -> int:
         max_step_tokens=args.max_step_tokens,
         max_request_bytes=args.max_request_bytes,
     )
+    check_dtype(args)
     if args.prefix_cache_memory:
         from longserve.server.kv_plan import parse_byte_size
 
