@@ -41,21 +41,26 @@ def policy_kwargs(args) -> dict:
 
 
 def add_dtype_args(p: argparse.ArgumentParser) -> None:
-    """`--dtype`, validated by `check_dtype` (not argparse `choices`, whose error is a multi-line usage)."""
+    """`--dtype` and `--weights`, checked by `check_dtype` (not argparse `choices`: its error is a usage)."""
     p.add_argument(
         "--dtype",
         default="auto",
         help="auto (bfloat16 on CPUs with native bf16, e.g. AVX512-BF16/AMX; float32 elsewhere), "
         "float32, bfloat16 or float16",
     )
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="auto (dense, in --dtype), bf16, fp32, or int8/int4 (weight-only quantized linears, CPU)",
+    )
 
 
-def check_dtype(args) -> str:
-    """The resolved --dtype name, or the one-line error before any weights load."""
-    from longserve.loader import dtype_name
+def check_dtype(args) -> tuple[str, str]:
+    """(dtype, weights) resolved, or the one-line error before any weights load."""
+    from longserve.loader import dtype_and_weights
 
     try:
-        return dtype_name(args.dtype)
+        return dtype_and_weights(args.dtype, args.weights)
     except InvalidParameterError as exc:
         raise InvalidParameterError(f"--{exc}") from None
 
@@ -94,22 +99,14 @@ def verify_models(name: str | None) -> int:
     """Re-hash every file of one cached model (or of all of them) against its manifest's sha256."""
     from longserve import zoo
 
-    models = zoo.home() / "models"
-    names = [name] if name else sorted(d.name for d in models.glob("*") if (d / zoo.MANIFEST).is_file())
-    if not names:
-        print(f"no models in {models}")
-        return 0
-    failures = []
-    for n in names:
-        try:
-            zoo.verify(n, deep=True)
-        except LongserveError as exc:
-            failures.append(str(exc))
-            continue
-        print(f"{n}: ok")
+    results = zoo.verify_cached(name)
+    if not results:
+        print(f"no models in {zoo.home() / 'models'}")
+    failures = [err for _, err in results if err]
+    for n, err in results:
+        print(f"{n}: {'CORRUPT' if err else 'ok'}")
     if failures:
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise LongserveError(failures[0] + more)
+        raise LongserveError(failures[0] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
     return 0
 
 
@@ -202,6 +199,7 @@ def cmd_generate(args) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        weights=args.weights,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
         **({"threads": args.threads} if args.threads is not None else {}),

@@ -13,6 +13,7 @@ from longserve.errors import CorruptModelError, InvalidParameterError
 from longserve.model import CausalLM, ModelArgs
 from longserve.model.checkpoint import TensorEntry, read_index, read_into
 from longserve.model.config import rope_tables
+from longserve.model.quant import DENSE, QUANTIZED, check_weights, quantize
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: What `--dtype` / `LLM(dtype=)` accept: a name of DTYPES, or "auto" (see `default_dtype`).
@@ -52,6 +53,28 @@ def dtype_name(dtype: str, device: str | torch.device | None = None) -> str:
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype_name(dtype)]
+
+
+def dtype_and_weights(dtype: str, weights: str, device: str | torch.device | None = None) -> tuple[str, str]:
+    """(compute dtype name, weights) from the two options, checked against each other.
+
+    Dense weights live in the compute dtype, so ``weights="bf16"``/``"fp32"`` also picks the dtype when
+    it is "auto" and must agree with it otherwise; int8/int4 keep activations in ``dtype`` (bf16 is their
+    fast path) and run on the CPU kernels only.
+    """
+    check_weights(weights)
+    if weights in DENSE:
+        wanted = DENSE[weights]
+        if dtype == "auto":
+            dtype = wanted
+        elif dtype_name(dtype) != wanted:
+            raise InvalidParameterError(
+                f"weights {weights!r} run with dtype {wanted}, not {dtype}; drop one of the two options"
+            )
+    dtype = dtype_name(dtype, device)
+    if weights in QUANTIZED and device is not None and torch.device(device).type != "cpu":
+        raise InvalidParameterError(f"weights {weights!r} run on the CPU kernels only, not on {device}")
+    return dtype, weights
 
 
 @dataclass
@@ -195,13 +218,16 @@ def eos_ids(path: Path, tokenizer, hf_config) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def load(name_or_path: str, dtype: str = "auto", progress: bool = True) -> LoadedModel:
+def load(name_or_path: str, dtype: str = "auto", progress: bool = True, weights: str = "auto") -> LoadedModel:
+    """Resolve (pull/convert) and load a model; ``weights="int8"``/``"int4"`` quantizes its linears after
+    the load (see `longserve.model.quant`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from longserve import zoo
     from longserve.zoo.cache import pull_hint
 
-    torch_dtype = resolve_dtype(dtype)
+    dtype, weights = dtype_and_weights(dtype, weights)
+    torch_dtype = DTYPES[dtype]
     path = zoo.resolve(name_or_path, progress=progress)
     in_zoo = path.parent == zoo.home() / "models"
     hint = pull_hint(path.name) if in_zoo else f"the files in {path} are damaged"
@@ -213,4 +239,6 @@ def load(name_or_path: str, dtype: str = "auto", progress: bool = True) -> Loade
     model = empty_model(hf_config, torch_dtype)
     load_state(model, path, hint)
     model.eval().fuse()
+    if weights in QUANTIZED:
+        quantize(model, weights)
     return LoadedModel(name_or_path, path, model, tokenizer, model.args, eos_ids(path, tokenizer, hf_config))

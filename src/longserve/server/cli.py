@@ -117,6 +117,7 @@ def cmd_serve(args) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        weights=args.weights,
         max_batch_size=args.max_batch_size,
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,

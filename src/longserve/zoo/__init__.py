@@ -29,6 +29,7 @@ from longserve.zoo.cache import (
     list_models,
     model_dir,
     verify,
+    verify_cached,
 )
 from longserve.zoo.catalogue import DEFAULT_MODEL, ZOO, ZooEntry
 from longserve.zoo.convert import convert_gguf, import_gguf
@@ -53,6 +54,7 @@ __all__ = [
     "pull",
     "resolve",
     "verify",
+    "verify_cached",
 ]
 
 

@@ -130,6 +130,22 @@ def verify(name: str, *, deep: bool = False, hashed: bool = False) -> None:
     check_dir(d, name, deep=deep, hashed=hashed)
 
 
+def verify_cached(name: str | None = None) -> list[tuple[str, str | None]]:
+    """(name, error or None) for ``name`` or every entry under ``<home>/models``, every file re-hashed."""
+    root = home() / "models"
+    names = [name] if name else sorted(d.name for d in root.glob("*") if (d / MANIFEST).is_file())
+    out = []
+    for n in names:
+        try:
+            verify(n, deep=True)
+            out.append((n, None))
+        except ModelNotFoundError:
+            raise
+        except LongserveError as exc:
+            out.append((n, str(exc)))
+    return out
+
+
 def is_cached(name: str) -> bool:
     """True when ``name`` is converted and its files match the manifest."""
     try:
