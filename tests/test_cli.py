@@ -71,6 +71,8 @@ def test_bad_input_is_one_line_error(argv, message, capsys, tmp_path, monkeypatc
         (["serve", "--threads", "-1"], "--threads must be >= 1, got -1"),
         (["generate", "hi", "--dtype", "fp64"], "--dtype must be one of auto, float32, bfloat16, float16"),
         (["serve", "--dtype", "bf16"], "--dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"),
+        (["generate", "hi", "--weights", "int3"], "--weights must be one of auto, bf16, fp32, int8, int4"),
+        (["serve", "--weights", "bf16", "--dtype", "float32"], "--weights 'bf16' run with dtype bfloat16"),
         (["generate", "hi", "--seed", str(2**70)], "seed must be an integer in [0, 2**63)"),
         (["generate", "hi", "--temperature", "inf"], "temperature must be >= 0 and finite"),
         (["generate", "hi", "--temperature", "nan"], "temperature must be >= 0 and finite"),

@@ -79,6 +79,20 @@ def test_needle_survives_compression_at_budget_256(llm, policy, head_adaptive):
     )
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_still_answer(weights):
+    """Weight-only int8 (per-channel) / int4 (groups of 32) from the bf16 weights: the capital and the
+    ~2k-token middle needle that the dense model answers."""
+    from longserve import LLM
+
+    q = LLM("smollm2-135m-instruct", weights=weights, progress=False)
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    assert "Paris" in q.generate(msgs, max_new_tokens=12)[0].text
+    key = 60494
+    out = q.generate(passkey_prompt(key, 80, 0.5), max_new_tokens=8)[0]
+    assert str(key) in out.text, out.text
+
+
 def test_streaming_loses_the_middle_needle(llm):
     """The expected, documented difference: sinks + recent window cannot see the middle.
 

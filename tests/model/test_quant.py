@@ -31,7 +31,9 @@ def test_quantized_linear_matches_its_dequantized_weight(kind, dtype):
     (summation order only) and <= 1e-2 in bf16 (the output is rounded to 8 significant bits: 2^-8 = 0.4%,
     plus accumulation)."""
     lin = _linear()
+    before = lin.weight.detach().clone()
     q = Int8Linear(lin, dtype) if kind == "int8" else Int4Linear(lin, dtype, 32)
+    assert torch.equal(lin.weight, before)  # quantizing reads the dense weight, never rounds it in place
     x = torch.randn(2, 5, 128).to(dtype)
     ref = x.float() @ q.weight.float().t() + lin.bias.to(dtype).float()
     out = q(x)

@@ -39,9 +39,14 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        weight = linear.weight.detach()
+        qweight = torch.empty(weight.shape, dtype=torch.int8)
+        scales = torch.empty(weight.shape[0])
+        for rows in _row_chunks(weight):  # fp32 temporaries of a few MiB, not of the whole matrix
+            w = weight[rows].to(torch.float32, copy=True)  # in-place math below: never on the weight
+            scales[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            qweight[rows] = w.div_(scales[rows, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), False)
 
@@ -70,16 +75,20 @@ class Int4Linear(nn.Module):
             )
         self.in_features, self.out_features, self.group_size = k, n, group_size
         rows = -(-n // 16) * 16  # the kernel packs 16 output rows at a time: pad with zero rows
-        w = linear.weight.detach().float()
+        weight = linear.weight.detach()
         if rows != n:
-            w = torch.cat([w, w.new_zeros(rows - n, k)])
-        n = rows
-        w = w.reshape(n, k // group_size, group_size)
-        lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-12) / 15
-        q = ((w - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+            weight = torch.cat([weight, weight.new_zeros(rows - n, k)])
+        n, groups = rows, k // group_size
+        q = torch.empty(n, k, dtype=torch.uint8)
+        scale, lo = torch.empty(n, groups, 1), torch.empty(n, groups, 1)
+        for r in _row_chunks(weight):  # fp32 temporaries of a few MiB, not of the whole matrix
+            w = weight[r].to(torch.float32, copy=True).reshape(-1, groups, group_size)
+            lo[r] = w.amin(dim=-1, keepdim=True)
+            scale[r] = (w.amax(dim=-1, keepdim=True) - lo[r]).clamp(min=1e-12) / 15
+            q[r] = w.sub_(lo[r]).div_(scale[r]).round_().clamp_(0, 15).to(torch.uint8).reshape(-1, k)
         zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        del q
         self.register_buffer("packed", packed)
         sz = torch.cat([scale.reshape(n, -1, 1), zero.reshape(n, -1, 1)], dim=2).transpose(0, 1)
         self.register_buffer("scales_zeros", sz.contiguous().to(dtype))
@@ -102,6 +111,12 @@ class Int4Linear(nn.Module):
         eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype, device=self.packed.device)
         w_t = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros)
         return w_t[:, : self.out_features].t().contiguous()
+
+
+def _row_chunks(weight: torch.Tensor, chunk_bytes: int = 4 << 20) -> list[slice]:
+    """Row slices of ``weight`` whose fp32 copy is about ``chunk_bytes``."""
+    per = max(1, chunk_bytes // (4 * weight.shape[1]))
+    return [slice(i, min(i + per, weight.shape[0])) for i in range(0, weight.shape[0], per)]
 
 
 def int4_group(in_features: int, preferred: int) -> int:
