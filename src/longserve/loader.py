@@ -125,7 +125,7 @@ def load_state(
     entries: dict[str, TensorEntry] = {}
     for f in files:
         for key, entry in read_index(f, hint).items():
-            entries[_model_key(key)] = entry
+            entries[model_key(key)] = entry
     own = model.state_dict(keep_vars=True)
     tied = model.args.tie_embeddings
     missing = [k for k in own if k not in entries and not (tied and k == "lm_head.weight")]
@@ -185,7 +185,7 @@ def _destinations(model: CausalLM, wanted: dict[str, torch.Tensor]) -> dict[str,
     return dest
 
 
-def _model_key(key: str) -> str:
+def model_key(key: str) -> str:
     """A checkpoint's tensor name in our model's naming (multimodal and bare-decoder layouts)."""
     key = key.removeprefix("model.language_model.").removeprefix("language_model.")
     return key if key.startswith(("model.", "lm_head.")) else f"model.{key}"
