@@ -66,13 +66,23 @@ def prepare(llm: LLM, ids: list[int], spec: str, batch: int, steps: int):
 
 def measure(engine, seqs, steps: int) -> float:
     """Aggregate decode tokens/s of `steps` batched steps over `seqs` (after one warm-up step)."""
+    return measure_times(engine, seqs, steps)[0]
+
+
+def measure_times(engine, seqs, steps: int) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second of this process) over `steps` batched steps.
+
+    On an oversubscribed machine the wall clock also counts the time the OS ran other jobs; the CPU
+    time does not (it still pays for their cache and memory-bandwidth contention), so with one torch
+    thread it is the better estimate of an idle core's speed. Both are reported."""
     engine.runner.decode(seqs)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         logits = engine.runner.decode(seqs)
         for seq, tok in zip(seqs, logits.argmax(-1).tolist(), strict=True):
             seq.output_ids.append(tok)
-    return len(seqs) * steps / (time.perf_counter() - start)
+    n = len(seqs) * steps
+    return n / (time.perf_counter() - start), n / max(1e-9, time.process_time() - cpu)
 
 
 def rss(field: str = "VmRSS") -> int | None:
@@ -176,12 +186,13 @@ def main() -> None:
                 for llm, facts in configs
             ]
             for batch in batches:  # smaller batches decode the first slots of the same pool
-                speeds: list[list[float]] = [[] for _ in prepared]
+                speeds: list[list[tuple[float, float]]] = [[] for _ in prepared]
                 for _ in range(args.rounds):  # A/B/C/D, A/B/C/D, ...: the same minutes for every config
                     for i, (_, engine, seqs, _) in enumerate(prepared):
-                        speeds[i].append(measure(engine, seqs[:batch], args.steps))
+                        speeds[i].append(measure_times(engine, seqs[:batch], args.steps))
                 for (facts, engine, _, prefill_s), runs in zip(prepared, speeds, strict=True):
-                    tok_s = statistics.median(runs)
+                    tok_s = statistics.median(r[0] for r in runs)
+                    cpu_tok_s = statistics.median(r[1] for r in runs)
                     kv_read = engine.pool.slot_nbytes() * batch
                     per_step = facts["read_bytes_per_token"] + kv_read
                     row = {
@@ -191,7 +202,10 @@ def main() -> None:
                         "steps": args.steps,
                         **facts,
                         "decode_tok_s": tok_s,
-                        "rounds_tok_s": runs,
+                        "decode_tok_per_cpu_s": cpu_tok_s,
+                        "rounds_tok_s": [r[0] for r in runs],
+                        "rounds_tok_per_cpu_s": [r[1] for r in runs],
+                        "load_average": os.getloadavg()[0],
                         "step_ms": 1000 * batch / tok_s,
                         "prefill_s": prefill_s,
                         "kv_bytes_per_seq": engine.pool.slot_nbytes(),
@@ -234,11 +248,13 @@ def main() -> None:
         "",
         "Weights are loaded once each; with --rounds > 1 the timed rounds alternate between them and the",
         "median is shown. Bound fraction: (weight + KV bytes read per step) x steps/s / measured read",
-        "bandwidth.",
+        "bandwidth (one `sum` over 1 GiB with the same threads, in the same run). tok per CPU-s: tokens",
+        "per second of this process's CPU time, the estimate for an idle core when other jobs share the",
+        "machine (load avg: the 1-minute load average at the row; 2 cores here).",
         "",
         "| context | policy | batch | weights | decode tok/s (aggregate) | x full | KV MiB/seq | KV vs full "
-        "| weight MiB | load peak RSS MiB | bound fraction |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| weight MiB | load peak RSS MiB | bound fraction | tok per CPU-s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mib = {
@@ -248,7 +264,8 @@ def main() -> None:
             f"| {r['context']} | {r['policy']} | {r['batch']} | {r['weights']} | {r['decode_tok_s']:.1f} | "
             f"{r['speedup_vs_full']:.2f} | {r['kv_bytes_per_seq'] / 2**20:.1f} | {r['kv_vs_full']:.3f} | "
             f"{mib['weight_bytes']} | {mib['load_peak_rss_delta']} | "
-            f"{fmt(r.get('bandwidth_bound_fraction'), '.2f')} |"
+            f"{fmt(r.get('bandwidth_bound_fraction'), '.2f')} | {fmt(r.get('decode_tok_per_cpu_s'), '.1f')} | "
+            f"{fmt(r.get('load_average'), '.1f')} |"
         )
     write_result(out, {"meta": meta, "rows": rows}, "\n".join(lines))
 
