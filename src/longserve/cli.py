@@ -40,6 +40,31 @@ def policy_kwargs(args) -> dict:
     return out
 
 
+def add_dtype_args(p: argparse.ArgumentParser) -> None:
+    """`--dtype` and `--weights`, checked by `check_dtype` (not argparse `choices`: its error is a usage)."""
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 on CPUs with native bf16, e.g. AVX512-BF16/AMX; float32 elsewhere), "
+        "float32, bfloat16 or float16",
+    )
+    p.add_argument(
+        "--weights",
+        default="auto",
+        help="auto (dense, in --dtype), bf16, fp32, or int8/int4 (weight-only quantized linears, CPU)",
+    )
+
+
+def check_dtype(args) -> tuple[str, str]:
+    """(dtype, weights) resolved, or the one-line error before any weights load."""
+    from longserve.loader import dtype_and_weights
+
+    try:
+        return dtype_and_weights(args.dtype, args.weights)
+    except InvalidParameterError as exc:
+        raise InvalidParameterError(f"--{exc}") from None
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -61,10 +86,27 @@ def cmd_models(args) -> int:
                 f"{r['license']:12} {'yes' if r['cached'] else 'no'}"
             )
         return 0
+    if args.action == "verify":
+        return verify_models(args.name)
     if not args.name:
         raise LongserveError("usage: longserve models pull NAME [--force]")
     path = zoo.pull(args.name, force=args.force)
     print(f"{args.name}: ready in {path}")
+    return 0
+
+
+def verify_models(name: str | None) -> int:
+    """Re-hash every file of one cached model (or of all of them) against its manifest's sha256."""
+    from longserve import zoo
+
+    results = zoo.verify_cached(name)
+    if not results:
+        print(f"no models in {zoo.home() / 'models'}")
+    failures = [err for _, err in results if err]
+    for n, err in results:
+        print(f"{n}: {'CORRUPT' if err else 'ok'}")
+    if failures:
+        raise LongserveError(failures[0] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
     return 0
 
 
@@ -147,6 +189,7 @@ def cmd_generate(args) -> int:
 
     # validate everything cheap before loading weights
     require_positive(threads=args.threads, num_draft_tokens=args.num_draft_tokens)
+    check_dtype(args)
     SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop)
     check_policy(args)
     text = read_prompt(args)
@@ -156,6 +199,7 @@ def cmd_generate(args) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        weights=args.weights,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
         **({"threads": args.threads} if args.threads is not None else {}),
@@ -231,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list or pull zoo models")
-    p.add_argument("action", choices=["list", "pull"])
+    p = sub.add_parser("models", help="list, pull or verify (re-hash) zoo models")
+    p.add_argument("action", choices=["list", "pull", "verify"])
     p.add_argument("name", nargs="?")
     p.add_argument("--force", action="store_true", help="re-download and re-convert")
     p.set_defaults(func=cmd_models)
@@ -242,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, HF directory or .gguf file")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_args(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--draft", help="draft model for speculative decoding (must share the target's tokenizer)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per verification (adaptive)")

@@ -16,7 +16,8 @@ from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies import FullPolicy, Policy, make_policy
-from longserve.loader import DTYPES, LoadedModel, load
+from longserve.loader import DTYPES, LoadedModel, dtype_and_weights, load
+from longserve.model.quant import QUANTIZED, quantize
 from longserve.zoo import DEFAULT_MODEL
 
 Prompt = str | list[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
@@ -36,7 +37,10 @@ class LLM:
     """Load a model once, then generate under any KV policy.
 
     `kv_policy` / `kv_budget` (tokens) / `kv_ratio` (of the prompt) set the default policy; every
-    call may override them. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
+    call may override them. `dtype="auto"` runs bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX)
+    and float32 elsewhere; "float32", "bfloat16" or "float16" force one. `weights="int8"` / `"int4"`
+    quantizes the linear layers (weight-only, CPU kernels; see `longserve.model.quant`), "bf16" / "fp32"
+    keep them dense in that dtype. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
     policy's constructor.
     """
 
@@ -46,7 +50,8 @@ class LLM:
         kv_policy: str = "full",
         kv_budget: int | None = None,
         kv_ratio: float | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        weights: str = "auto",
         max_batch_size: int = 8,
         prefill_chunk: int = 4096,
         threads: int | None = None,
@@ -58,11 +63,16 @@ class LLM:
         device: str | torch.device | None = None,
         **policy_kwargs,
     ):
-        if dtype not in DTYPES:
-            raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}")
+        if loaded is not None and dtype == "auto":  # a model handed in keeps the dtype it has
+            dtype = next(k for k, v in DTYPES.items() if v == loaded.model.model.embed_tokens.weight.dtype)
+        # "auto": bf16 where the hardware has it (loader.default_dtype); weights: dense or int8/int4
+        dtype, weights = dtype_and_weights(dtype, weights, device)
         if threads:
             torch.set_num_threads(threads)
-        self.loaded = loaded or load(model, dtype=dtype, progress=progress)
+        self.loaded = loaded or load(model, dtype=dtype, progress=progress, weights=weights)
+        if loaded is not None and weights in QUANTIZED:
+            quantize(loaded.model, weights)
+        self.weights = weights
         if device is not None:  # the engine then builds its KV pool where the weights are
             self.loaded.model.to(device)
         self.device = next(self.loaded.model.parameters()).device
@@ -83,7 +93,7 @@ class LLM:
             draft_llm = (
                 draft
                 if isinstance(draft, LLM)
-                else LLM(draft, dtype=dtype, threads=threads, progress=progress)
+                else LLM(draft, dtype=dtype, weights=weights, threads=threads, progress=progress)
             )
             self.speculative = SpeculativeDecoder(self, draft_llm, k=num_draft_tokens)
 

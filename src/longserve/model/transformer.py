@@ -46,6 +46,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The row-wise concatenation of ``parts``: the tensor they already are row blocks of when they lie
+    back to back in one storage (the loader reads them that way), else a new concatenated copy."""
+    first = parts[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != offset:
+            return torch.cat(parts).detach()
+        if not p.is_contiguous() or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+            return torch.cat(parts).detach()
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    return first.detach().new_empty(0).set_(storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
 class FusedLinear:
     """Concatenated copies of several nn.Linear weights of `owner`, used only while they are still exact:
     not while training (gradients must reach the originals), not once a weight changed or a module was
@@ -54,9 +69,16 @@ class FusedLinear:
     def __init__(self, owner: nn.Module, names: list[str]):
         self.owner, self.names = owner, names
         parts = [getattr(owner, n) for n in names]
+        self.weight = _joined([p.weight for p in parts])
+        self.bias = _joined([p.bias for p in parts]) if parts[0].bias is not None else None
+        with torch.no_grad():  # the parts become views of the fused tensor: one copy of the weights, not two
+            sizes = [p.weight.shape[0] for p in parts]
+            for p, w in zip(parts, self.weight.split(sizes), strict=True):
+                p.weight.data = w
+            if self.bias is not None:
+                for p, b in zip(parts, self.bias.split(sizes), strict=True):
+                    p.bias.data = b
         self.key = [(id(p.weight), p.weight._version) for p in parts]
-        self.weight = torch.cat([p.weight for p in parts]).detach()
-        self.bias = torch.cat([p.bias for p in parts]).detach() if parts[0].bias is not None else None
 
     def usable(self) -> bool:
         if torch.is_grad_enabled():

@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
-from longserve.cli import add_policy_args, policy_kwargs, require_positive
+from longserve.cli import (
+    add_dtype_args,
+    add_policy_args,
+    check_dtype,
+    policy_kwargs,
+    require_positive,
+)
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -52,7 +58,7 @@ def register(sub) -> None:
     p.add_argument(
         "--max-request-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)"
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_args(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_policy_args(p)
@@ -99,6 +105,7 @@ def cmd_serve(args) -> int:
         max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size,
     )
+    check_dtype(args)
     if args.prefix_cache_memory:
         from longserve.server.kv_plan import parse_byte_size
 
@@ -115,6 +122,7 @@ def cmd_serve(args) -> int:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        weights=args.weights,
         **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),
         prefill_chunk=args.prefill_chunk,
         threads=args.threads,

@@ -29,6 +29,7 @@ from longserve.zoo.cache import (
     list_models,
     model_dir,
     verify,
+    verify_cached,
 )
 from longserve.zoo.catalogue import DEFAULT_MODEL, ZOO, ZooEntry
 from longserve.zoo.convert import convert_gguf, import_gguf
@@ -53,21 +54,29 @@ __all__ = [
     "pull",
     "resolve",
     "verify",
+    "verify_cached",
 ]
 
 
 def resolve(name_or_path: str, *, progress: bool = True) -> Path:
     """Turn a CLI/API model argument into a loadable HF directory, pulling or converting on first use."""
     if name_or_path in ZOO:
-        return pull(name_or_path, progress=progress)
+        return _checked(pull(name_or_path, progress=progress))
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return path
+        return _checked(path) if path.parent == home() / "models" and (path / MANIFEST).is_file() else path
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return import_gguf(path, progress)
+        return _checked(import_gguf(path, progress))
     if "/" not in name_or_path and is_cached(name_or_path):  # a previously imported local-* entry
-        return model_dir(name_or_path)
+        return _checked(model_dir(name_or_path))
     raise ModelNotFoundError(
         f"unknown model {name_or_path!r}: use a zoo name ({', '.join(ZOO)}), a Hugging Face model directory "
         "containing config.json, or a local .gguf file"
     )
+
+
+def _checked(d: Path) -> Path:
+    """A cache entry about to be loaded: its files' sha256 are checked, except those already verified at
+    their current size and mtime (so only the first load after a change reads the files twice)."""
+    verify(d.name, hashed=True)
+    return d

@@ -51,8 +51,41 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_dir(d: Path, name: str, *, deep: bool = False) -> None:
-    """Raise CorruptModelError unless ``d`` is a complete converted directory matching its manifest."""
+#: Sidecar of (size, mtime) stamps of files whose sha256 matched the manifest, so a warm start does not
+#: re-hash gigabytes; not listed in the manifest (written after it) and safe to delete.
+STAMPS = ".longserve-verified.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_stamps(d: Path) -> dict:
+    try:
+        stamps = json.loads((d / STAMPS).read_text())
+        return stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamps(d: Path, stamps: dict) -> None:
+    """Atomic (tmp + rename) and best effort: a read-only cache still loads, it just hashes every time."""
+    tmp = d / f"{STAMPS}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(stamps, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, d / STAMPS)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def check_dir(d: Path, name: str, *, deep: bool = False, hashed: bool = False) -> None:
+    """Raise CorruptModelError unless ``d`` is a complete converted directory matching its manifest.
+
+    Sizes are always checked. ``hashed`` also checks the sha256 of every file whose (size, mtime) has not
+    been verified before (streamed; the stamps are kept in `STAMPS`), so a flipped byte is caught on the
+    next load while a warm start reads no file twice; ``deep`` re-hashes every file regardless.
+    """
     hint = pull_hint(name)
     try:
         manifest = json.loads((d / MANIFEST).read_text())
@@ -68,21 +101,49 @@ def check_dir(d: Path, name: str, *, deep: bool = False) -> None:
         path = d / fname
         if not path.is_file() or path.stat().st_size != meta["size"]:
             raise CorruptModelError(f"model {name!r}: {fname} is missing or truncated in {d}; {hint}")
-        if deep and sha256_file(path) != meta["sha256"]:
-            raise CorruptModelError(f"model {name!r}: {fname} fails its sha256 check in {d}; {hint}")
+    if not (deep or hashed):
+        return
+    stamps, verified = _read_stamps(d), {}
+    for fname, meta in files.items():
+        path = d / fname
+        stamp = _stamp(path)
+        known = stamps.get(fname) == {"stamp": stamp, "sha256": meta["sha256"]}
+        if (deep or not known) and sha256_file(path) != meta["sha256"]:
+            _write_stamps(d, verified)  # forget the stamps of files that are no longer trusted
+            raise CorruptModelError(
+                f"model {name!r}: {fname} fails its sha256 check in {d} (the file is corrupt); {hint}"
+            )
+        verified[fname] = {"stamp": stamp, "sha256": meta["sha256"]}
+    if verified != stamps:
+        _write_stamps(d, verified)
 
 
-def verify(name: str, *, deep: bool = False) -> None:
-    """Check a pulled model's files against its manifest (sizes; sha256 too with ``deep``).
-
-    Size checks are cheap enough for every load; ``deep`` rereads gigabytes and is for explicit checks.
-    """
+def verify(name: str, *, deep: bool = False, hashed: bool = False) -> None:
+    """Check a pulled model's files against its manifest: sizes; with ``hashed`` the sha256 of files not
+    verified at their current (size, mtime) before (what every load does); with ``deep`` the sha256 of all
+    (`longserve models verify`)."""
     d = model_dir(name)
     if not d.exists():
         if name in ZOO:
             raise ModelNotFoundError(f"model {name!r} is not pulled yet; run `longserve models pull {name}`")
         raise ModelNotFoundError(f"unknown model {name!r}; known zoo models: {', '.join(ZOO)}")
-    check_dir(d, name, deep=deep)
+    check_dir(d, name, deep=deep, hashed=hashed)
+
+
+def verify_cached(name: str | None = None) -> list[tuple[str, str | None]]:
+    """(name, error or None) for ``name`` or every entry under ``<home>/models``, every file re-hashed."""
+    root = home() / "models"
+    names = [name] if name else sorted(d.name for d in root.glob("*") if (d / MANIFEST).is_file())
+    out = []
+    for n in names:
+        try:
+            verify(n, deep=True)
+            out.append((n, None))
+        except ModelNotFoundError:
+            raise
+        except LongserveError as exc:
+            out.append((n, str(exc)))
+    return out
 
 
 def is_cached(name: str) -> bool:
@@ -120,10 +181,12 @@ def write_manifest(d: Path, name: str, source: dict) -> None:
     files = {
         p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(d.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, STAMPS)
     }
     manifest = {"format": FORMAT_VERSION, "name": name, "source": source, "files": files}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # just hashed: the first load after a pull need not hash again (a rename keeps the mtimes)
+    _write_stamps(d, {f: {"stamp": _stamp(d / f), "sha256": m["sha256"]} for f, m in files.items()})
 
 
 def build(name: str, source: dict, make: Callable[[Path], None], *, force: bool) -> Path:

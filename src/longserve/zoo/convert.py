@@ -39,20 +39,28 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+#: The dtype of the converted weights. bf16 keeps 8 significant bits, far more than the 4-6 of the Q4/Q5
+#: GGUF sources, at half the bytes of fp32 (disk, page cache, load time); an fp32 run casts on load.
+CACHE_DTYPE = "bfloat16"
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Path:
-    """Dequantize a GGUF once into a plain HF directory (config, float32 safetensors, tokenizer).
+    """Dequantize a GGUF once into a plain HF directory (config, bf16 safetensors, tokenizer).
 
     ``save_pretrained`` refuses GGUF-loaded models, so the state dict goes through safetensors directly;
     the tied ``lm_head`` is dropped (safetensors rejects shared storage, and HF re-ties it on load) and the
-    ``quantization_config`` is removed so the directory loads as ordinary weights. Writes no manifest.
+    ``quantization_config`` is removed so the directory loads as ordinary weights. The config names the
+    architecture class and dtype (what transformers, vLLM or kvpress need to load the directory as it is)
+    and a generation_config.json is always written. Writes no manifest.
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     src = {"pretrained_model_name_or_path": str(gguf_path.parent), "gguf_file": gguf_path.name}
     out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, CACHE_DTYPE)
     with (
         progress_bar(progress, total=4, desc=f"convert {gguf_path.name}", unit="step") as bar,
         _hf_progress(progress),
@@ -66,11 +74,16 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = True) -> Pa
         cfg_path = out_dir / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)
+        cfg["architectures"] = [type(model).__name__]
+        cfg["dtype"] = cfg["torch_dtype"] = CACHE_DTYPE  # transformers 5 reads dtype; older tools torch_dtype
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if model.can_generate():
-            model.generation_config.save_pretrained(out_dir)
+        generation = (
+            model.generation_config if model.can_generate() else GenerationConfig.from_model_config(config)
+        )
+        generation.save_pretrained(out_dir)
         bar.update()
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        # fp32 model + bf16 copy (1.5x the fp32 weights) for the few seconds of a pull, never on load
+        state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
         if config.get_text_config().tie_word_embeddings:
             state.pop("lm_head.weight", None)
         del model
