@@ -20,6 +20,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 from common import command, fmt, machine, write_result
 
 from longserve.kv import attention_kernels as kernels
@@ -113,6 +114,84 @@ def bench_case(shape, dtype, n, c, window, repeats):
     }
 
 
+def decode_case(shape: str, dtype: str, batch: int, length: int, repeats: int) -> dict:
+    """One decode step of one layer at `batch` x `length` cached tokens: where the time goes.
+    `read` is a pure read pass over the same K/V bytes (sum), the floor any kernel pays."""
+    hq, hkv, d = SHAPES[shape]
+    g, dt = hq // hkv, DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    pool_k = torch.randn(batch, hkv, length + 64, d, generator=gen).to(dt)  # a pool slot is longer
+    pool_v = torch.randn(batch, hkv, length + 64, d, generator=gen).to(dt)
+    k, v = pool_k[:, :, :length], pool_v[:, :, :length]
+    qg = torch.randn(batch, hkv, g, d, generator=gen).to(dt)
+    ragged = (torch.arange(length)[None, :] < (length - 7 * torch.arange(batch))[:, None])[:, None, None, :]
+    s = d**-0.5
+
+    def matmul():
+        return ((qg @ k.transpose(-1, -2)).float() * s).softmax(-1).to(dt) @ v
+
+    def split(n=4):  # flash-decoding: the sequence in n parts, merged by LSE
+        step = -(-length // n)
+        parts = [
+            kernels.flash_lse(qg, k[:, :, i : i + step], v[:, :, i : i + step], False, s)
+            for i in range(0, length, step)
+        ]
+        return kernels.merge(parts, dt)
+
+    fns = {
+        "sdpa_rows": lambda: F.scaled_dot_product_attention(qg, k, v, scale=s),  # what DecodeBackend runs
+        "sdpa_rows_ragged": lambda: F.scaled_dot_product_attention(qg, k, v, attn_mask=ragged, scale=s),
+        "sdpa_heads_gqa": lambda: F.scaled_dot_product_attention(
+            qg.reshape(batch, hq, 1, d), k, v, scale=s, enable_gqa=True
+        ),
+        "matmul": matmul,
+        "split4_lse": split,
+        "read": lambda: (k.sum(), v.sum()),
+    }
+    ref = fns["sdpa_rows"]().float()
+    err = {
+        n: float((f().float().reshape(ref.shape) - ref).abs().max())
+        for n, f in fns.items()
+        if n not in ("read", "sdpa_rows_ragged")
+    }
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, f in fns.items():
+            start = time.perf_counter()
+            f()
+            best[name] = min(best[name], time.perf_counter() - start)
+    nbytes = 2 * k.numel() * k.element_size()
+    return {
+        "shape": shape,
+        "dtype": dtype,
+        "batch": batch,
+        "tokens": length,
+        "kv_mb": nbytes / 1e6,
+        "ms": {n: t * 1e3 for n, t in best.items()},
+        "gb_s": {n: nbytes / t / 1e9 for n, t in best.items()},
+        "max_abs_diff_vs_sdpa_rows": err,
+    }
+
+
+def decode_markdown(rows: list[dict]) -> list[str]:
+    names = list(rows[0]["ms"])
+    md = [
+        "",
+        "## Decode attention per layer (one step, batch x tokens cached)",
+        "",
+        "ms per layer (GB/s of K/V read in brackets); `read` = a plain read pass over the same bytes.",
+        "",
+        "| shape | dtype | batch | tokens | KV MB | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['ms'][n]:.2f} ({r['gb_s'][n]:.1f})" for n in names)
+        md.append(
+            f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['tokens']} | {r['kv_mb']:.1f} | {cells} |"
+        )
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b")
@@ -122,6 +201,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512, help="sliding rows (gemma3-270m shape); 0: none")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--decode", default="8x4096", help="decode rows BATCHxTOKENS,...; empty: none")
+    ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", default="bench/results/attention_kernels")
     a = ap.parse_args()
     if a.threads:
@@ -139,7 +220,7 @@ def main() -> None:
                 cases.append(("gemma3-270m", dtype, n, min(map(int, a.chunks.split(","))), a.window))
                 cases.append(("gemma3-270m", dtype, n, n, a.window))
     rows = []
-    for case in cases:
+    for case in cases if a.prefill else []:
         rows.append(bench_case(*case, a.repeats))
         print(
             rows[-1]["shape"],
@@ -177,7 +258,17 @@ def main() -> None:
             f"{r['window'] or '-'} | {ms['masked']:.1f} | {fmt(ms.get('masked_rep'), '.1f')} | {ms['lse']:.1f} | "
             f"{fmt(ms.get('lse_rep'), '.1f')} | {r['speedup']:.2f} | {r['max_abs_diff_vs_masked']['lse']:.1e} |"
         )
-    write_result(a.out, {"command": command(), "machine": machine(), "rows": rows}, "\n".join(md))
+    decode = []
+    for spec in filter(None, a.decode.split(",")):
+        batch, length = map(int, spec.split("x"))
+        for shape in a.shapes.split(","):
+            for dtype in a.dtypes.split(","):
+                decode.append(decode_case(shape, dtype, batch, length, max(a.repeats, 5)))
+                print(decode[-1]["shape"], decode[-1]["dtype"], decode[-1]["ms"], flush=True)
+    if decode:
+        md += decode_markdown(decode)
+    result = {"command": command(), "machine": machine(), "rows": rows, "decode": decode}
+    write_result(a.out, result, "\n".join(md))
 
 
 if __name__ == "__main__":

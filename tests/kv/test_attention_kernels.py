@@ -90,10 +90,10 @@ def test_merge_weights_by_lse():
     """Two halves of the keys merged by LSE equal attention over all of them, and an empty part
     (lse -inf) has no weight."""
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
-    full = kernels._flash(q, k, v, False, 0.5)[0]
+    full = kernels.flash_lse(q, k, v, False, 0.5)[0]
     a, b = (
-        kernels._flash(q, k[:, :, :4], v[:, :, :4], False, 0.5),
-        kernels._flash(q, k[:, :, 4:], v[:, :, 4:], False, 0.5),
+        kernels.flash_lse(q, k[:, :, :4], v[:, :, :4], False, 0.5),
+        kernels.flash_lse(q, k[:, :, 4:], v[:, :, 4:], False, 0.5),
     )
     empty = (torch.full_like(q, 7.0), torch.full((1, 2, 5), float("-inf")))
     torch.testing.assert_close(kernels.merge([a, b, empty], q.dtype), full, atol=1e-6, rtol=1e-5)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+def flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     """(out [B, Hq, T, D], lse [B, Hq, T] fp32). Causal is top-left aligned: only for T == L."""
     return _flash_cpu(q, k, v, 0.0, causal, scale=scale)
 
@@ -88,9 +88,9 @@ def chunk_attention(
         oldest = int(p_pos.min()) if n_prefix else first
         if last - oldest >= window:  # the window cuts into the keys somewhere
             return _windowed(q, k, v, pk, pv, q_pos, p_pos, scale, window)
-    parts = [_flash(q, k, v, True, scale)]
+    parts = [flash_lse(q, k, v, True, scale)]
     if n_prefix:
-        parts.append(_flash(q, pk[None], pv[None], False, scale))
+        parts.append(flash_lse(q, pk[None], pv[None], False, scale))
     return merge(parts, q.dtype)
 
 
@@ -150,7 +150,7 @@ def flat_chunk_attention(
         sel = (p_heads == h).nonzero().view(-1)
         if len(sel) == 0:
             continue
-        o, lse = _flash(rows[h][None, None], pk[sel][None, None], pv[sel][None, None], False, scale)
+        o, lse = flash_lse(rows[h][None, None], pk[sel][None, None], pv[sel][None, None], False, scale)
         p_out[0, h * g : (h + 1) * g] = o.view(g, t, d)
         p_lse[0, h * g : (h + 1) * g] = lse.view(g, t)
-    return merge([_flash(q, k, v, True, scale), (p_out, p_lse)], q.dtype)
+    return merge([flash_lse(q, k, v, True, scale), (p_out, p_lse)], q.dtype)
