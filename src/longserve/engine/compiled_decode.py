@@ -26,13 +26,14 @@ from longserve.model import CausalLM
 
 
 def eligible(plan: DecodePlan) -> bool:
-    """Every row under a ring policy with a per-head layout: the step's shapes do not depend on it."""
+    """Every row's slot has a fixed size (its budget), needs no accumulated scores (H2O's eviction
+    reads them), no page selection (Quest) and keeps a per-head layout: the step's shapes are static."""
     return (
         not plan.track_scores
         and not plan.sparse_rows
         and not plan.flat_rows
         and plan.evict_rows is None
-        and all(s.policy.decode == "ring" for s in plan.states)
+        and all(s.policy.decode.fixed_size and not s.policy.decode.accumulates_scores for s in plan.states)
     )
 
 
