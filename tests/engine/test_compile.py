@@ -70,3 +70,18 @@ def test_eligibility_by_plan():
     assert eligible(pool.plan_decode([seqs[0].slot]))
     assert not eligible(pool.plan_decode([seqs[1].slot]))
     assert not eligible(pool.plan_decode([s.slot for s in seqs]))  # one growing row makes the batch eager
+
+
+@pytest.mark.slow
+def test_llm_compile_option_generates_eager_tokens():
+    """`LLM(compile=True)`: the same completions as eager, through the public API, for a batch."""
+    from longserve import LLM
+
+    loaded, _ = tiny_loaded("llama", num_hidden_layers=2)
+    prompts = [list(range(5, 95)), list(range(9, 99))]
+    opts = dict(kv_policy="streaming", kv_budget=40, window=8, max_new_tokens=12, ignore_eos=True)
+    eager = LLM(loaded=loaded).generate(prompts, **opts)
+    llm = LLM(loaded=loaded, compile=True)
+    compiled = llm.generate(prompts, **opts)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    assert llm.compiler.steps  # the compiled graph ran
