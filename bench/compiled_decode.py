@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mode", default=None, help="torch.compile mode (default: inductor's default)")
+    ap.add_argument("--freezing", action="store_true", help="inductor freezing (weights as constants)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench/results/compiled_decode")
     a = ap.parse_args()
@@ -46,7 +47,9 @@ def main() -> None:
         ids = filler[: a.context]
         batches = sorted(map(int, a.batches.split(",")))
         engine, seqs, _ = prepare(llm, ids, a.policy, batches[-1], a.steps)
-        compiler = StepCompiler(llm.loaded.model, mode=a.mode)
+        compiler = StepCompiler(
+            llm.loaded.model, mode=a.mode, options={"freezing": True} if a.freezing else None
+        )
         for batch in batches:
             sub = seqs[:batch]
             engine.runner.compiler = compiler
@@ -81,7 +84,7 @@ def main() -> None:
         "",
         f"Command: `{command()}`",
         "",
-        f"Machine: {machine()}, compile mode {a.mode or 'default'}. Shared 2-core machine with other jobs",
+        f"Machine: {machine()}, compile mode {a.mode or 'default'}{', freezing' if a.freezing else ''}. Shared 2-core machine with other jobs",
         "running (timings under contention); eager and compiled rounds alternate, best round shown.",
         "Warm-up = the first compiled step of the bucket (dynamo trace + inductor compile + run); the FX",
         "graph cache was enabled, so a warm cache (second run) makes it much shorter.",

@@ -94,8 +94,13 @@ class StepCompiler:
     the same shapes reuses it. `run(pool, plan, ids)` -> logits, or None when the plan is not
     eligible or the bucket budget is spent (the caller runs the eager step)."""
 
-    def __init__(self, model: CausalLM, max_buckets: int = 8, mode: str | None = None):
-        self.model, self.max_buckets, self.mode = model, max_buckets, mode
+    def __init__(
+        self, model: CausalLM, max_buckets: int = 8, mode: str | None = None, options: dict | None = None
+    ):
+        """`mode` / `options`: passed to `torch.compile` (e.g. `options={"freezing": True}` folds the
+        weights into the graph: faster GEMMs, but the graph then ignores later weight edits, which
+        `fused_usable` turns into an eager fallback only for edits it can see)."""
+        self.model, self.max_buckets, self.mode, self.options = model, max_buckets, mode, options
         self.steps: dict[tuple, tuple[StaticDecodeBackend, object]] = {}
         self.warmup_seconds: dict[tuple, float] = {}  # first call of each bucket: trace + compile + run
         torch._inductor.config.fx_graph_cache = True
@@ -122,7 +127,10 @@ class StepCompiler:
             def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 return model(ids, positions[:, None], backend)
 
-            self.steps[key] = (backend, torch.compile(step, dynamic=False, mode=self.mode))
+            self.steps[key] = (
+                backend,
+                torch.compile(step, dynamic=False, mode=self.mode, options=self.options),
+            )
         backend, step = self.steps[key]
         backend.pool = pool
         backend.load(plan)
