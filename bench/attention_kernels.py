@@ -231,13 +231,18 @@ def main() -> None:
             flush=True,
         )
     md = [
-        "# Prefill attention per layer: masked SDPA vs mask-free LSE merge",
+        "# Attention kernels per layer (issue 18 part 3)",
         "",
         f"Command: `{command()}`",
         "",
         f"Machine: {machine()}. Shared 2-core machine, other jobs running (timings are under contention;",
-        "each figure is the minimum over rounds in which the methods alternate). Time = one layer's",
-        "attention summed over the prompt's chunks, no projections or cache writes.",
+        "each figure is the minimum over rounds in which the methods alternate).",
+    ]
+    prefill_md = [
+        "",
+        "## Prefill: masked SDPA vs mask-free LSE merge",
+        "",
+        "Time = one layer's attention summed over the prompt's chunks, no projections or cache writes.",
         "",
         "Reading: the gain grows with the chunk (the masked kernel's extra cost is over the chunk's",
         "[T, P + T] mask; the LSE path runs the unmasked flash kernel on the prefix and `is_causal` on",
@@ -253,11 +258,13 @@ def main() -> None:
     ]
     for r in rows:
         ms = r["ms"]
-        md.append(
+        prefill_md.append(
             f"| {r['shape']} ({'/'.join(map(str, r['heads']))}) | {r['dtype']} | {r['tokens']} | {r['chunk']} | "
             f"{r['window'] or '-'} | {ms['masked']:.1f} | {fmt(ms.get('masked_rep'), '.1f')} | {ms['lse']:.1f} | "
             f"{fmt(ms.get('lse_rep'), '.1f')} | {r['speedup']:.2f} | {r['max_abs_diff_vs_masked']['lse']:.1e} |"
         )
+    if rows:
+        md += prefill_md
     decode = []
     for spec in filter(None, a.decode.split(",")):
         batch, length = map(int, spec.split("x"))
