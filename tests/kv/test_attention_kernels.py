@@ -128,3 +128,13 @@ def test_flat_prefix_matches_masked_reference(dtype):
         logits = (q[0, h].float() @ keys.T * 0.25).masked_fill(~mask, float("-inf"))
         ref[0, h] = logits.softmax(-1) @ values
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_prefix_after_chunk_positions_stays_exact():
+    """A prefix entry at or after the chunk's first position (not a layout prefill makes) falls back
+    to the masked kernel rather than letting the chunk see it unmasked."""
+    q, k, v, pk, pv, q_pos, p_pos = inputs(4, 2, 6, 5, seed=4)
+    p_pos = p_pos.clone()
+    p_pos[:, -1] = q_pos[2]  # visible to queries 2.. only
+    out = kernels.chunk_attention(q, k, v, pk, pv, q_pos, p_pos, 0.3)
+    torch.testing.assert_close(out, reference(q, k, v, pk, pv, q_pos, p_pos, 0.3), atol=2e-5, rtol=2e-5)

@@ -83,8 +83,10 @@ def chunk_attention(
     if q.device.type != "cpu":
         return masked_attention(q, k, v, pk, pv, q_pos, p_pos, scale, window)
     n_prefix = pk.shape[1]
+    first, last = int(q_pos[0]), int(q_pos[-1])
+    if n_prefix and int(p_pos.max()) >= first:  # not the layout this path assumes: stay exact
+        return masked_attention(q, k, v, pk, pv, q_pos, p_pos, scale, window)
     if window:
-        first, last = int(q_pos[0]), int(q_pos[-1])
         oldest = int(p_pos.min()) if n_prefix else first
         if last - oldest >= window:  # the window cuts into the keys somewhere
             return _windowed(q, k, v, pk, pv, q_pos, p_pos, scale, window)
