@@ -85,3 +85,19 @@ def test_llm_compile_option_generates_eager_tokens():
     compiled = llm.generate(prompts, **opts)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     assert llm.compiler.steps  # the compiled graph ran
+
+
+@pytest.mark.slow
+def test_weight_edit_after_compile_is_not_stale():
+    """A weight changed in place after compiling makes the fused copies inexact: the compiled step
+    must then follow the edited weights (it recompiles on the unfused path), like eager does."""
+    loaded, _ = tiny_loaded("llama", num_hidden_layers=1)
+    compiler = StepCompiler(loaded.model)
+    decode_tokens(loaded, compiler, "streaming", steps=2)
+    with torch.no_grad():
+        loaded.model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+        loaded.model.model.layers[0].mlp.up_proj.weight.mul_(-2.0)
+    eager_tokens, eager_logits = decode_tokens(loaded, None, "streaming", steps=2)
+    tokens, logits = decode_tokens(loaded, compiler, "streaming", steps=2)
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)

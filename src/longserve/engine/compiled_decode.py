@@ -99,7 +99,7 @@ class StepCompiler:
     ):
         """`mode` / `options`: passed to `torch.compile` (e.g. `options={"freezing": True}` folds the
         weights into the graph: faster GEMMs, but the graph then ignores later weight edits, which
-        `fused_usable` turns into an eager fallback only for edits it can see)."""
+        `check_fused` can only turn edits it sees into a recompile)."""
         self.model, self.max_buckets, self.mode, self.options = model, max_buckets, mode, options
         self.steps: dict[tuple, tuple[StaticDecodeBackend, object]] = {}
         self.warmup_seconds: dict[tuple, float] = {}  # first call of each bucket: trace + compile + run
@@ -115,7 +115,7 @@ class StepCompiler:
 
     def run(self, pool: KVPool, plan: DecodePlan, ids: torch.Tensor) -> torch.Tensor | None:
         key = self.bucket(pool, plan)
-        if key is None or not self.model.fused_usable():
+        if key is None:
             return None
         first = key not in self.steps
         if first:
@@ -134,6 +134,7 @@ class StepCompiler:
         backend, step = self.steps[key]
         backend.pool = pool
         backend.load(plan)
+        self.model.check_fused()
         start = time.perf_counter()
         logits = step(ids, backend.positions)
         if first:
