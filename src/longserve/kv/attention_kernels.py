@@ -80,9 +80,11 @@ def chunk_attention(
     """One sequence's chunk: q [1, Hq, T, D], k/v [1, Hkv, T, D] (new tokens at increasing positions
     q_pos [T]) over the cached prefix pk/pv [Hkv, P, D] at p_pos [Hkv, P] (all before q_pos[0]),
     causally, and within `window` positions when given. Returns [1, Hq, T, D]."""
-    if q.device.type != "cpu":
-        return masked_attention(q, k, v, pk, pv, q_pos, p_pos, scale, window)
     n_prefix = pk.shape[1]
+    if q.device.type != "cpu":
+        if n_prefix == 0 and not window:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return masked_attention(q, k, v, pk, pv, q_pos, p_pos, scale, window)
     first, last = int(q_pos[0]), int(q_pos[-1])
     if n_prefix and int(p_pos.max()) >= first:  # not the layout this path assumes: stay exact
         return masked_attention(q, k, v, pk, pv, q_pos, p_pos, scale, window)
