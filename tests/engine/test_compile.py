@@ -101,3 +101,20 @@ def test_weight_edit_after_compile_is_not_stale():
     tokens, logits = decode_tokens(loaded, compiler, "streaming", steps=2)
     assert tokens == eager_tokens
     torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_compile_flag_reaches_llm(monkeypatch):
+    """`longserve generate --compile` builds `LLM(compile=True)` (and the default stays eager)."""
+    from longserve.cli import main
+
+    seen = []
+
+    def fake_llm(model, **kwargs):
+        seen.append(kwargs["compile"])
+        raise SystemExit(0)  # stop before any model loads
+
+    monkeypatch.setattr("longserve.llm.LLM", fake_llm)
+    for argv, expected in ((["generate", "hi", "--compile"], True), (["generate", "hi"], False)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert seen[-1] is expected
