@@ -202,6 +202,7 @@ def cmd_generate(args) -> int:
         weights=args.weights,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
+        compile=args.compile,
         **({"threads": args.threads} if args.threads is not None else {}),
     )
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
@@ -290,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--draft", help="draft model for speculative decoding (must share the target's tokenizer)")
     p.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per verification (adaptive)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step of fixed-size policies (snapstream, streaming, sage); slow first step",
+    )
     add_sampling_args(p)
     add_policy_args(p)
     from longserve.specprefill.cli import add_args as add_spec_prefill_args

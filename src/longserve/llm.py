@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
+from longserve.engine.compiled_decode import StepCompiler
 from longserve.engine.engine import LLMEngine, StepOutput
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
@@ -42,6 +43,10 @@ class LLM:
     quantizes the linear layers (weight-only, CPU kernels; see `longserve.model.quant`), "bf16" / "fp32"
     keep them dense in that dtype. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
     policy's constructor.
+
+    `compile=True`: decode steps of fixed-size policies (`snapstream`, `streaming`, `sage`) run a
+    `torch.compile`d graph per batch size, compiled on first use (minutes on a cold inductor cache,
+    seconds on a warm one) and shared by every engine of this LLM; other policies decode eagerly.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class LLM:
         num_draft_tokens: int = 4,
         prefix_cache: str | int | None = None,
         device: str | torch.device | None = None,
+        compile: bool = False,
         **policy_kwargs,
     ):
         if loaded is not None and dtype == "auto":  # a model handed in keeps the dtype it has
@@ -86,6 +92,7 @@ class LLM:
             from longserve.server.kv_plan import parse_byte_size
 
             self.prefix_cache = PrefixCache(parse_byte_size(prefix_cache, "prefix_cache"), self.fingerprint)
+        self.compiler = StepCompiler(self.loaded.model) if compile else None
         self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
         if draft is not None:
             from longserve.spec import SpeculativeDecoder
@@ -181,6 +188,7 @@ class LLM:
             max_step_tokens=max_step_tokens,
             prefix_cache=self.prefix_cache,
             device=self.device,
+            compiler=self.compiler,
         )
 
     def request(

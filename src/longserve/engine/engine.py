@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from longserve.context import CompressedContext
+from longserve.engine.compiled_decode import StepCompiler
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams, sample
@@ -49,13 +50,16 @@ class LLMEngine:
         max_step_tokens: int | None = None,
         prefix_cache: PrefixCache | None = None,
         device: torch.device | str | None = None,
+        compiler: StepCompiler | None = None,
     ):
-        """`device`: where the KV pool and every step tensor live (default: the model's weights')."""
+        """`device`: where the KV pool and every step tensor live (default: the model's weights').
+        `compiler`: compiled decode steps for fixed-size policies (`LLM(compile=True)`), shared by the
+        engines of one model."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         device = device if device is not None else next(loaded.model.parameters()).device
         self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype, device=device)
-        self.runner = ModelRunner(loaded.model, self.pool)
+        self.runner = ModelRunner(loaded.model, self.pool, compiler)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.prefix_cache = prefix_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from longserve.engine.compiled_decode import StepCompiler
 from longserve.engine.sequence import Sequence
 from longserve.kv.attention import DecodeBackend, PrefillBackend
 from longserve.kv.cache import KVPool
@@ -12,8 +13,10 @@ from longserve.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool):
-        self.model, self.pool = model, pool
+    def __init__(self, model: CausalLM, pool: KVPool, compiler: StepCompiler | None = None):
+        """`compiler`: decode steps of fixed-size (ring) policies run its `torch.compile`d graph per
+        batch bucket; other steps, and everything without one, run eagerly."""
+        self.model, self.pool, self.compiler = model, pool, compiler
         self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill
 
     def needs_staging(self, seq: Sequence) -> bool:
@@ -55,7 +58,9 @@ class ModelRunner:
         """One token for every sequence: their last sampled tokens go in, next-token logits come out."""
         plan = self.pool.plan_decode([s.slot for s in seqs])
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.pool.device)
-        logits = self.model(ids, plan.positions[:, None], DecodeBackend(self.pool, plan))
+        logits = self.compiler.run(self.pool, plan, ids) if self.compiler is not None else None
+        if logits is None:
+            logits = self.model(ids, plan.positions[:, None], DecodeBackend(self.pool, plan))
         self.pool.commit(plan)
         for seq in seqs:
             self.record(seq)

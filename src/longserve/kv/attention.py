@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longserve.kv import attention_kernels as kernels
 from longserve.kv import quest_pages
 from longserve.kv.cache import KVPool
 from longserve.kv.plan import DecodePlan
@@ -59,25 +60,17 @@ class PrefillBackend:
             pk, pv, ppos = pool.layer_entries(layer, self.slot)
         else:
             pk, pv, ppos = self.src_pool.layer_entries(layer, self.src_slot)
-        t = k.shape[2]
-        if pk.shape[1] == 0 and window is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=args.scaling, enable_gqa=True)
-            keys, values = k[0], v[0]
-            key_pos = self.positions.expand(args.n_kv_heads, t)
-        else:
-            keys, values = torch.cat([pk, k[0]], 1), torch.cat([pv, v[0]], 1)
-            key_pos = torch.cat([ppos, self.positions.expand(args.n_kv_heads, t)], 1)
-            qp, kp = self.positions[:, None], key_pos[0][None, :]  # prefix tokens all precede new ones
-            mask = kp <= qp
-            if window:
-                mask &= (qp - kp) < window
-            out = F.scaled_dot_product_attention(
-                q, keys[None], values[None], attn_mask=mask, scale=args.scaling, enable_gqa=True
-            )
+        out = kernels.chunk_attention(q, k, v, pk, pv, self.positions, ppos, args.scaling, window)
         if window:
             self._write_ring(layer, k[0], v[0])
+            return out
+        new_pos = self.positions.expand(args.n_kv_heads, k.shape[2])
+        if pk.shape[1] == 0:
+            keys, values, key_pos = k[0], v[0], new_pos
         else:
-            self.write_global(layer, q[0], keys, values, key_pos)
+            keys, values = torch.cat([pk, k[0]], 1), torch.cat([pv, v[0]], 1)
+            key_pos = torch.cat([ppos, new_pos], 1)
+        self.write_global(layer, q[0], keys, values, key_pos)
         return out
 
     def _attend_flat(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -90,14 +83,7 @@ class PrefillBackend:
         if plan.final and policy.kept(plan.new_fill) < plan.new_fill:
             raise RuntimeError("a head-adaptive cache cannot be compressed a second time")
         pk, pv, _, ph = pool.flat_entries(layer, slot)
-        keys = torch.cat([pk.expand(hkv, -1, -1), k[0]], 1)
-        values = torch.cat([pv.expand(hkv, -1, -1), v[0]], 1)
-        own = (ph[None, :] == torch.arange(hkv, device=dev)[:, None])[:, None, :].expand(hkv, t, -1)
-        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril().expand(hkv, t, t)
-        mask = torch.cat([own, causal], -1).repeat_interleave(q.shape[1] // hkv, 0)[None]
-        out = F.scaled_dot_product_attention(
-            q, keys[None], values[None], attn_mask=mask, scale=args.scaling, enable_gqa=True
-        )
+        out = kernels.flat_chunk_attention(q, k, v, pk, pv, ph, args.scaling)
         if plan.new_fill > pool.layer_capacity[layer]:
             raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {plan.new_fill} tokens")
         fk, fv, fpos, fheads = pool.flat_view(layer, slot)

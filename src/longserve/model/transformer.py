@@ -79,8 +79,12 @@ class FusedLinear:
                 for p, b in zip(parts, self.bias.split(sizes), strict=True):
                     p.bias.data = b
         self.key = [(id(p.weight), p.weight._version) for p in parts]
+        self.checked = False
 
     def usable(self) -> bool:
+        """Checked on every eager call. A compiled graph cannot read `_version` without breaking, so
+        it reads `checked`, which `CausalLM.check_fused` sets from this before each compiled call
+        (dynamo guards on the bool: a change recompiles rather than running stale weights)."""
         if torch.is_grad_enabled():
             return False
         parts = [getattr(self.owner, n) for n in self.names]
@@ -111,7 +115,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend):
         b, t, _ = x.shape
         hd, hq, hkv = self.args.head_dim, self.args.n_heads, self.args.n_kv_heads
-        if self.qkv is not None and self.qkv.usable():
+        if self.qkv is not None and (
+            self.qkv.checked if torch.compiler.is_compiling() else self.qkv.usable()
+        ):
             q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -138,7 +144,9 @@ class MLP(nn.Module):
         self.gate_up = FusedLinear(self, ["gate_proj", "up_proj"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and self.gate_up.usable():
+        if self.gate_up is not None and (
+            self.gate_up.checked if torch.compiler.is_compiling() else self.gate_up.usable()
+        ):
             gate, up = F.linear(x, self.gate_up.weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -232,6 +240,13 @@ class CausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         return self
+
+    def check_fused(self) -> None:
+        """Before a compiled forward: record, per fused copy, whether it is still exact (`checked`)."""
+        for layer in self.model.layers:
+            for fused in (layer.self_attn.qkv, layer.mlp.gate_up):
+                if fused is not None:
+                    fused.checked = fused.usable()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

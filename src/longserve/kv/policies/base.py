@@ -33,23 +33,52 @@ class ScoreInputs:
     def group_size(self) -> int:
         return self.queries.shape[0] // self.keys.shape[0]
 
+    #: fp32 logits one chunk of queries may hold ([Hkv, G*chunk, L]; its softmax takes as much again):
+    #: the scores never materialize [Hkv, G*Tq, L] for a long chunk (H2O reads every query of it)
+    chunk_bytes: ClassVar[int] = 64 << 20
+
     def attention(self, n_queries: int | None = None) -> torch.Tensor:
         """Softmax attention of the last `n_queries` prompt queries over all keys, causally masked,
         GQA-aggregated to KV heads (mean over each group): [Hkv, n_queries, L].
 
         Aggregating instead of expanding keeps KV heads shared between query heads, so the
         selection never inflates memory to query-head count."""
-        q = self.queries if n_queries is None else self.queries[:, -n_queries:]
-        hq, tq, d = q.shape
+        tq = self._tail(n_queries).shape[1]
+        out = torch.empty(
+            self.keys.shape[0], tq, self.keys.shape[1], device=self.keys.device, dtype=torch.float32
+        )
+        for start, end, probs in self._attention_chunks(n_queries):
+            out[:, start:end] = probs
+        return out
+
+    def attention_mass(self, n_queries: int | None = None) -> torch.Tensor:
+        """`attention(n_queries).sum(1)` ([Hkv, L]: the attention each key receives) without holding
+        the [Hkv, n_queries, L] probabilities: summed chunk by chunk of queries."""
+        total = torch.zeros(
+            self.keys.shape[0], self.keys.shape[1], device=self.keys.device, dtype=torch.float32
+        )
+        for _, _, probs in self._attention_chunks(n_queries):
+            total += probs.sum(1)
+        return total
+
+    def _tail(self, n_queries: int | None) -> torch.Tensor:
+        return self.queries if n_queries is None else self.queries[:, -n_queries:]
+
+    def _attention_chunks(self, n_queries: int | None):
+        """(start, end, [Hkv, end - start, L] probabilities) per chunk of the last `n_queries` queries."""
+        q = self._tail(n_queries)
+        tq, d = q.shape[1], q.shape[2]
         hkv, length, _ = self.keys.shape
-        qg = q.reshape(hkv, self.group_size * tq, d)
-        logits = (qg @ self.keys.transpose(1, 2)).float() * self.scaling  # [Hkv, G*Tq, L]
-        dev = self.keys.device
-        q_pos = torch.arange(length - tq, length, device=dev).repeat(self.group_size)
-        causal = torch.arange(length, device=dev)[None, :] <= q_pos[:, None]
-        logits = logits.masked_fill(~causal, float("-inf"))
-        probs = logits.softmax(-1).view(hkv, self.group_size, tq, length)
-        return probs.mean(1)
+        g, dev = self.group_size, self.keys.device
+        step = max(1, self.chunk_bytes // (4 * hkv * g * length))
+        keys_t = self.keys.transpose(1, 2)
+        for start in range(0, tq, step):
+            end = min(start + step, tq)
+            qg = q[:, start:end].reshape(hkv, g * (end - start), d)
+            logits = (qg @ keys_t).float() * self.scaling  # [Hkv, G*chunk, L]
+            q_pos = torch.arange(length - tq + start, length - tq + end, device=dev).repeat(g)
+            logits.masked_fill_(torch.arange(length, device=dev)[None, :] > q_pos[:, None], float("-inf"))
+            yield start, end, logits.softmax(-1).view(hkv, g, end - start, length).mean(1)
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""A `torch.compile`d decode step for fixed-size (ring) policies (issue 18, part 4).
+
+Under `snapstream`, `streaming` or `sage` a slot never outgrows its budget: once the prompt is
+compressed every decode step writes one entry per layer into a slot of fixed size and attends over
+it. So the step can have static shapes: attention always reads the slot's whole budget (`limit`
+entries, a validity mask hides the ones not written yet) and the plan's varying parts (write index,
+valid lengths, positions) are tensors copied into buffers the compiled graph reads. One graph per
+(batch size, contiguous slots, budget) bucket, compiled on first use and reused; inductor's FX graph
+cache keeps the compiled code across processes.
+
+The eager `DecodeBackend` stays for everything else (append policies, whose slots grow; H2O's
+evictions chosen from scores; Quest's page selection; head-adaptive slots), and `StepCompiler.run`
+returns None for such a plan so the caller falls back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from longserve.kv.cache import KVPool
+from longserve.kv.plan import DecodePlan
+from longserve.model import CausalLM
+
+
+def eligible(plan: DecodePlan) -> bool:
+    """Every row's slot has a fixed size (its budget), needs no accumulated scores (H2O's eviction
+    reads them), no page selection (Quest) and keeps a per-head layout: the step's shapes are static."""
+    return (
+        not plan.track_scores
+        and not plan.sparse_rows
+        and not plan.flat_rows
+        and plan.evict_rows is None
+        and all(s.policy.decode.fixed_size and not s.policy.decode.accumulates_scores for s in plan.states)
+    )
+
+
+class StaticDecodeBackend:
+    """Writes and attends like `DecodeBackend` for ring rows, with shapes fixed per bucket: every row
+    reads `limit` global entries (and the whole ring of a sliding layer) under a validity mask."""
+
+    def __init__(self, pool: KVPool, batch: int, contiguous: bool, limit: int):
+        self.pool, self.batch, self.contiguous, self.limit = pool, batch, contiguous, limit
+        dev = pool.device
+
+        def buf() -> torch.Tensor:
+            return torch.zeros(batch, dtype=torch.long, device=dev)
+
+        self.slot_index, self.positions, self.global_idx, self.global_valid, self.sliding_written = (
+            buf() for _ in range(5)
+        )
+        self.heads = torch.arange(pool.args.n_kv_heads, device=dev)
+
+    def load(self, plan: DecodePlan) -> None:
+        """Copy one step's plan into the buffers the compiled graph reads."""
+        for name in ("slot_index", "positions", "global_idx", "global_valid", "sliding_written"):
+            getattr(self, name).copy_(getattr(plan, name))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, b = self.pool, self.batch
+        hq, d = q.shape[1], q.shape[3]
+        hkv = k.shape[1]
+        if pool.args.layer_windows[layer]:
+            cap = pool.layer_capacity[layer]
+            index, valid, limit = (
+                self.sliding_written % cap,
+                torch.clamp(self.sliding_written + 1, max=cap),
+                cap,
+            )
+        else:
+            index, valid, limit = self.global_idx, self.global_valid, self.limit
+        rows = self.slot_index[:, None].expand(b, hkv)
+        heads = self.heads[None, :].expand(b, hkv)
+        index = index[:, None].expand(b, hkv)
+        pool.k[layer].index_put_((rows, heads, index), k[:, :, 0])
+        pool.v[layer].index_put_((rows, heads, index), v[:, :, 0])
+        pool.pos[layer].index_put_((rows, heads, index), self.positions[:, None].expand(b, hkv))
+        if self.contiguous:
+            keys, values = pool.k[layer][:b, :, :limit], pool.v[layer][:b, :, :limit]
+        else:
+            keys = pool.k[layer][self.slot_index, :, :limit]
+            values = pool.v[layer][self.slot_index, :, :limit]
+        mask = (torch.arange(limit, device=q.device)[None, :] < valid[:, None])[:, None, None, :]
+        qg = q.view(b, hkv, hq // hkv, d)
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=pool.args.scaling)
+        return out.reshape(b, hq, 1, d)
+
+
+class StepCompiler:
+    """Compiled decode steps of one model, one per bucket, built lazily and shared by every engine
+    (KV pool) over the model: a bucket's graph reads the pool through its backend, so a new pool of
+    the same shapes reuses it. `run(pool, plan, ids)` -> logits, or None when the plan is not
+    eligible or the bucket budget is spent (the caller runs the eager step)."""
+
+    def __init__(
+        self, model: CausalLM, max_buckets: int = 8, mode: str | None = None, options: dict | None = None
+    ):
+        """`mode` / `options`: passed to `torch.compile` (e.g. `options={"freezing": True}` folds the
+        weights into the graph: faster GEMMs, but the graph then ignores later weight edits, which
+        `check_fused` can only turn edits it sees into a recompile)."""
+        self.model, self.max_buckets, self.mode, self.options = model, max_buckets, mode, options
+        self.steps: dict[tuple, tuple[StaticDecodeBackend, object]] = {}
+        self.warmup_seconds: dict[tuple, float] = {}  # first call of each bucket: trace + compile + run
+        torch._inductor.config.fx_graph_cache = True
+        # every bucket is a recompile of the same `step` code: let dynamo keep them all
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_buckets + 1)
+
+    def bucket(self, pool: KVPool, plan: DecodePlan) -> tuple | None:
+        if not eligible(plan):
+            return None
+        limit = max(s.limit for s in plan.states)
+        return len(plan.slots), plan.contiguous, limit, pool.n_slots, tuple(pool.layer_capacity), pool.dtype
+
+    def run(self, pool: KVPool, plan: DecodePlan, ids: torch.Tensor) -> torch.Tensor | None:
+        key = self.bucket(pool, plan)
+        if key is None:
+            return None
+        first = key not in self.steps
+        if first:
+            if len(self.steps) >= self.max_buckets:
+                return None
+            backend = StaticDecodeBackend(pool, *key[:3])
+            model = self.model
+
+            def step(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                return model(ids, positions[:, None], backend)
+
+            self.steps[key] = (
+                backend,
+                torch.compile(step, dynamic=False, mode=self.mode, options=self.options),
+            )
+        backend, step = self.steps[key]
+        backend.pool = pool
+        backend.load(plan)
+        self.model.check_fused()
+        start = time.perf_counter()
+        logits = step(ids, backend.positions)
+        if first:
+            self.warmup_seconds[key] = time.perf_counter() - start
+        return logits
