@@ -93,7 +93,7 @@ CHECKS: dict[str, Callable[[str, dict, str], None]] = {
     'kv_policy="snapstream", kv_budget=256)': check_python_api,
     "CompressedContext.load(": check_compress_once,
     "SamplingParams(max_new_tokens=8": check_sampling_params,
-    'second = llm.generate(manual': check_prefix_cache,
+    "second = llm.generate(manual": check_prefix_cache,
     "ShotConfig(16)": check_many_shot,
     "class Recency(PolicyWrapper)": check_new_policy,
     "cache_prefix=spec": check_compressed_prefix,
