@@ -7,7 +7,7 @@ import torch
 
 from longserve.engine.prefix_cache import PrefixCache
 from longserve.engine.sampler import SamplingParams
-from longserve.kv.policies import FullPolicy
+from longserve.kv.policies import REGISTRY, FullPolicy, make_policy
 from longserve.llm import LLM
 from tests.tiny import tiny_loaded
 
@@ -113,9 +113,26 @@ def test_a_cancelled_request_leaves_the_cache_as_it_was(loaded):
     assert engine.pool.n_free == 1
 
 
-def test_only_full_policy_on_models_without_sliding_windows_is_cached(loaded):
+@pytest.mark.parametrize("name", [n for n, cls in REGISTRY.items() if cls.compresses])
+def test_compressing_policies_cache_their_staged_prefix_and_a_hit_equals_a_miss(loaded, name):
+    """The cached part is the uncompressed prefix staged before the final chunk compresses: a hit
+    skips its prefill, and the policy then selects over exactly the KV a miss would have."""
+    shared = prompt(21, 320)
+    a, b = shared + prompt(22, 30), shared + prompt(23, 41)
+    policy = make_policy(name, budget=96, window=8)
+    plain = LLM(loaded=loaded, prefill_chunk=64)
+    expected = [plain.generate(p, kv_policy=policy, **PARAMS)[0].token_ids for p in (a, b)]
     llm = fresh(loaded)
-    llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="snapkv", kv_budget=100)
+    first, second = (llm.generate(p, kv_policy=policy, **PARAMS)[0] for p in (a, b))
+    assert [first.token_ids, second.token_ids] == expected
+    assert first.stats["cached_prompt_tokens"] == 0 and second.stats["cached_prompt_tokens"] == 320
+    assert second.stats["kv_bytes_allocated"] == first.stats["kv_bytes_allocated"]  # still the budget
+
+
+def test_quest_head_adaptive_and_sliding_window_models_are_not_cached(loaded):
+    llm = fresh(loaded)
+    llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="quest", kv_budget=64)
+    llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="snapkv", kv_budget=100, head_adaptive=True)
     assert llm.prefix_cache.stats.entries == 0 and llm.prefix_cache.stats.misses == 0
     gemma = LLM(loaded=tiny_loaded("gemma3")[0], prefill_chunk=64, prefix_cache="64MB")
     gemma.generate(prompt(11, 200), max_new_tokens=2)

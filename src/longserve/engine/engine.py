@@ -172,10 +172,14 @@ class LLMEngine:
         return ctx, False
 
     def caches(self, policy: Policy) -> bool:
-        """Prefix caching covers `full` on models without sliding-window layers (see prefix_cache)."""
+        """Prefix caching covers models without sliding-window layers (see prefix_cache), under `full`
+        and under policies that compress at prefill (their staged, uncompressed prefix is cached);
+        not Quest, whose page bounds are built from the slot, nor head-adaptive slots."""
         return (
             self.prefix_cache is not None
-            and policy.name == "full"
+            and (policy.name == "full" or policy.compresses)
+            and not policy.sparse_decode
+            and not policy.head_adaptive
             and not any(self.loaded.args.layer_windows)
         )
 
@@ -206,10 +210,13 @@ class LLMEngine:
             seq, n_tokens = step.seqs[0], step.n_tokens
             if seq.prefilled == 0 and seq.cache_ids is not None:
                 n_tokens = min(n_tokens, self._attach_cached_prefix(seq))
+            compresses = seq.policy.compresses
+            if seq.cache_ids is not None and compresses and seq.prefilled + n_tokens == seq.prompt_len:
+                self._cache_staged(seq)  # the uncompressed prefix, before the final chunk compresses it
             logits = self.runner.prefill(seq, n_tokens)
             if logits is None:
                 return []
-            if seq.cache_ids is not None:
+            if seq.cache_ids is not None and not compresses:
                 self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq, copy=False))  # insert copies
             return self.emit(step.seqs, logits)
         seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
@@ -235,6 +242,14 @@ class LLMEngine:
             seq.prefix, seq.cached_tokens, seq.prompt_ids = prefix, n, seq.cache_ids[n:]
             seq.prefix_tokens = n
         return seq.prompt_len
+
+    def _cache_staged(self, seq: Sequence) -> None:
+        staged = self.runner.staged(seq)
+        if staged is not None:
+            pool, slot = staged
+            fill = pool.slots[slot].fill
+            ctx = CompressedContext.from_slot(pool, slot, "", {"name": "full"}, fill, copy=False)
+            self.prefix_cache.insert(seq.cache_ids, ctx)  # insert copies what it keeps
 
     def snapshot(self, seq: Sequence, copy: bool = True) -> CompressedContext:
         """The KV a running sequence holds (prompt, and output so far); `copy=False`: views of its slot."""

@@ -20,21 +20,33 @@ class ModelRunner:
         self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill
 
     def needs_staging(self, seq: Sequence) -> bool:
-        return seq.policy.kept(seq.prompt_len) < seq.prompt_len
+        total = seq.prefix_tokens + seq.prompt_len
+        return seq.policy.kept(total) < total
+
+    def stages_prefix(self, seq: Sequence) -> bool:
+        """A cached prefix of a compressing policy's prompt is uncompressed KV: it goes to the staging
+        slot, and the final chunk selects from it and the rest of the prompt."""
+        return seq.prefix is not None and seq.policy.compresses
+
+    def staged(self, seq: Sequence) -> tuple[KVPool, int] | None:
+        """(pool, slot) of the uncompressed prompt prefix a chunked compressing prefill has staged."""
+        return self.staging.get(seq.seq_id)
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor | None:
         """Run the next `n_tokens` of the prompt; returns the last logits once the prompt is done."""
-        if seq.prefilled == 0 and seq.prefix is not None:
-            seq.prefix.load_into(self.pool, seq.slot)
         start, end = seq.prefilled, seq.prefilled + n_tokens
         final = end == seq.prompt_len
         staging = self.staging.get(seq.seq_id)
-        if not final and staging is None and self.needs_staging(seq):
-            staging_pool = KVPool(
-                self.pool.args, 1, seq.prompt_len, dtype=self.pool.dtype, device=self.pool.device
-            )
+        first = seq.prefilled == 0
+        if staging is None and (
+            (not final and self.needs_staging(seq)) or (first and self.stages_prefix(seq))
+        ):
+            size = seq.prompt_len + (seq.prefix.fill if seq.prefix is not None else 0)
+            staging_pool = KVPool(self.pool.args, 1, size, dtype=self.pool.dtype, device=self.pool.device)
             staging = self.staging[seq.seq_id] = (staging_pool, staging_pool.allocate(FullPolicy()))
+        if first and seq.prefix is not None:
+            seq.prefix.load_into(*(staging if self.stages_prefix(seq) else (self.pool, seq.slot)))
         device = self.pool.device
         ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
         offset = seq.prefix.next_pos if seq.prefix is not None else 0

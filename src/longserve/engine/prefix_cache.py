@@ -7,8 +7,9 @@ prompt's full blocks (a `CompressedContext`, the same object compress-once uses)
 the entry points to it, so a later prompt that shares only its first blocks still hits. Entries are
 evicted least-recently-used under a byte budget counted apart from the running slots.
 
-What is cached automatically: prompts run under `full` on models without sliding-window layers (a ring
-layer no longer holds the start of a long prompt), with their natural positions. A hit leaves at least
+What is cached automatically: prompts on models without sliding-window layers (a ring layer no longer
+holds the start of a long prompt), with their natural positions, under `full` and under policies that
+compress at prefill (their uncompressed prefix as staged before the final chunk compresses it). A hit leaves at least
 one prompt token to prefill, since the next token's logits come from the last prompt position.
 
 Compressed entries (`CachePrefix`): a request may ask for the first `n_tokens` of its prompt to be
