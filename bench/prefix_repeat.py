@@ -1,5 +1,6 @@
-"""Repeated long prompts against a running server: 8 concurrent streams of ~2k-token prompts, then the
-same documents again with new questions (the prefix a chat or agent resends), longserve vs vLLM-CPU.
+"""Repeated long prompts against a running server, longserve vs vLLM-CPU: 8 concurrent streams of
+~2k-token prompts (cold), the same 8 prompts again (repeat), then 8 prompts that share one 1.5k-token
+document and ask different questions (shared: the prefix a chat or agent resends).
 
 Each engine runs as its own server process on 127.0.0.1, one after the other in the same sitting, on the
 same token ids (`/v1/completions` with a token-id prompt, `ignore_eos`, greedy). Reported per phase
@@ -37,8 +38,14 @@ from common import command, fmt, write_result  # noqa: E402
 from longserve.zoo import resolve  # noqa: E402
 
 QUESTIONS = [
-    "\n\nQuestion: what is this module for? Answer in one sentence.\nAnswer:",
-    "\n\nQuestion: name two functions or classes this text describes.\nAnswer:",
+    "what is this module for? Answer in one sentence.",
+    "name two functions or classes this text describes.",
+    "which function would you call first, and why?",
+    "list three arguments mentioned in the text.",
+    "what does the text warn about?",
+    "summarize the text in five words.",
+    "which Python version does the text mention?",
+    "what is the return value of the first function described?",
 ]
 
 
@@ -97,7 +104,7 @@ def children(pid: int) -> list[int]:
 
 def start(engine: str, args, port: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    if engine == "longserve":
+    if engine.startswith("longserve"):
         cmd = [
             str(Path(sys.executable).with_name("longserve")),
             "serve",
@@ -115,7 +122,9 @@ def start(engine: str, args, port: int) -> subprocess.Popen:
             str(args.threads),
         ]
         cmd += ["--max-batch-size", str(args.clients), "--log-level", "warning"]
-        cmd += ["--prefix-cache-memory", args.prefix_cache_memory, *args.longserve_args.split()]
+        if engine == "longserve":  # "longserve-nocache": the same server without a prefix cache
+            cmd += ["--prefix-cache-memory", args.prefix_cache_memory]
+        cmd += args.longserve_args.split()
     else:
         hf = Path("/tmp/prefix_repeat_hf")
         if not hf.exists():
@@ -186,6 +195,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--shared-tokens", type=int, default=1500, help="the shared phase's common document")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefix-cache-memory", default="2GiB")
@@ -198,9 +208,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(args.model, progress=False))
-    docs = documents(tokenizer, args.clients, args.prompt_tokens)
-    q = [tokenizer.encode(text, add_special_tokens=False) for text in QUESTIONS]
-    cold, repeat = [d + q[0] for d in docs], [d + q[1] for d in docs]
+    docs = documents(tokenizer, args.clients + 1, args.prompt_tokens)  # the last one: the shared phase's
+    q = [tokenizer.encode(f"\n\nQuestion: {t}\nAnswer:", add_special_tokens=False) for t in QUESTIONS]
+    cold = [d + q[0] for d in docs[:-1]]
+    shared_doc = docs[-1][: args.shared_tokens]
+    shared = [shared_doc + q[i % len(q)] for i in range(args.clients)]
+    phases = {"cold": cold, "repeat": cold, "shared": shared}
     rows = []
     for engine in args.engines.split(","):
         port = free_port()
@@ -208,8 +221,9 @@ def main() -> None:
         try:
             wait_ready(port, proc, args.startup_timeout)
             stream_one(port, args.model, q[0], 4)  # warm-up, not timed
-            row = {"engine": engine, "cold": phase(port, args.model, cold, args.max_tokens)}
-            row["repeat"] = phase(port, args.model, repeat, args.max_tokens)
+            row = {"engine": engine}
+            for name, prompts in phases.items():
+                row[name] = phase(port, args.model, prompts, args.max_tokens)
             row["peak_rss_mb"] = rss_mb(proc.pid)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -221,13 +235,14 @@ def main() -> None:
         "",
         f"`{command()}`  ",
         f"{args.max_tokens} tokens per request, greedy, ignore_eos, bf16, {args.threads} threads per server;",
-        "cold: 8 documents + question A; repeat: the same documents + question B (only the prefix repeats).",
+        f"cold: {args.clients} documents + one question; repeat: the same prompts again; shared: one "
+        f"{args.shared_tokens}-token document + {args.clients} different questions, after the other phases.",
         "",
         "| engine | phase | TTFT p50 | TTFT p95 | output tok/s | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        for name in ("cold", "repeat"):
+        for name in phases:
             p = r[name]
             lines.append(
                 f"| {r['engine']} | {name} | {p['ttft_p50_s']:.1f} s | {p['ttft_p95_s']:.1f} s | "
