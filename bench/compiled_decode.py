@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mode", default=None, help="torch.compile mode (default: inductor's default)")
+    ap.add_argument("--weights", default="auto", help="LLM(weights=): auto, int8, int4")
     ap.add_argument("--freezing", action="store_true", help="inductor freezing (weights as constants)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench/results/compiled_decode")
@@ -40,7 +41,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     rows = []
     for dtype in a.dtypes.split(","):
-        llm = LLM(a.model, dtype=dtype, progress=False)
+        llm = LLM(a.model, dtype=dtype, weights=a.weights, progress=False)
         filler = llm.tokenizer.encode(
             "The grass is green. The sky is blue. " * (a.context // 4), add_special_tokens=False
         )
@@ -80,7 +81,7 @@ def main() -> None:
             print(row, flush=True)
         del engine, seqs, llm
     md = [
-        f"# Compiled decode step: {a.model}, {a.policy}",
+        f"# Compiled decode step: {a.model}, {a.policy}, weights {a.weights}",
         "",
         f"Command: `{command()}`",
         "",
@@ -98,7 +99,9 @@ def main() -> None:
             f"{r['speedup']:.2f} | {r['warmup_s']:.0f} |"
         )
     write_result(
-        a.out, {"command": command(), "machine": machine(), "mode": a.mode, "rows": rows}, "\n".join(md)
+        a.out,
+        {"command": command(), "machine": machine(), "mode": a.mode, "weights": a.weights, "rows": rows},
+        "\n".join(md),
     )
 
 

@@ -118,3 +118,17 @@ def test_generate_compile_flag_reaches_llm(monkeypatch):
         with pytest.raises(SystemExit):
             main(argv)
         assert seen[-1] is expected
+
+
+@pytest.mark.slow
+def test_compiled_step_runs_int8_weights():
+    """Quantized linears (no fused copies) compile on the unfused path and match eager."""
+    from longserve.model.quant import quantize
+
+    loaded, _ = tiny_loaded("llama", num_hidden_layers=1)
+    quantize(loaded.model, "int8")
+    eager_tokens, eager_logits = decode_tokens(loaded, None, "streaming", steps=3)
+    compiler = StepCompiler(loaded.model)
+    tokens, logits = decode_tokens(loaded, compiler, "streaming", steps=3)
+    assert tokens == eager_tokens and compiler.steps
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
