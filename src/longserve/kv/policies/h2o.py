@@ -17,4 +17,4 @@ class H2OPolicy(Policy):
     window: int = 32
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        return inputs.attention().sum(1)  # attention mass received from every query in the chunk
+        return inputs.attention_mass()  # attention received from every query in the chunk

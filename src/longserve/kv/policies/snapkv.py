@@ -36,5 +36,5 @@ class SnapKVPolicy(Policy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         n_obs = min(self.window, inputs.queries.shape[1])
-        votes = inputs.attention(n_obs).sum(1)  # [Hkv, L]
+        votes = inputs.attention_mass(n_obs)  # [Hkv, L]
         return pool_scores(votes, self.kernel, self.pooling)
