@@ -7,6 +7,8 @@ before the load, against the bytes of the loaded parameters.
 - `stream`: what `longserve.loader.load` does: the model on the meta device, every safetensors tensor
   read straight into its parameter (cast through a 4 MiB chunk), q/k/v and gate/up into their fused
   buffers.
+- `int8` / `int4`: `load(..., weights=...)`: as `stream`, each decoder layer quantized as soon as it
+  is read, then the LM head (weights = the quantized model, bf16 embedding included).
 - `state-dict`: the previous path: random-init model, `safetensors.load_file` state dict,
   `load_state_dict`, then fused copies of q/k/v and gate/up.
 
@@ -44,6 +46,12 @@ base, start = status("VmRSS"), time.perf_counter()
 if mode == "stream":
     model = loader.empty_model(cfg, loader.DTYPES[dtype])
     loader.load_state(model, path)
+elif mode in ("int8", "int4"):
+    from longserve.model.quant import quantize_head, quantize_layer, weight_bytes
+    model = loader.empty_model(cfg, loader.DTYPES[dtype])
+    hook = lambda i: quantize_layer(model.model.layers[i], mode, loader.DTYPES[dtype])
+    loader.load_state(model, path, on_layer=hook)
+    quantize_head(model, mode)
 else:
     from safetensors.torch import load_file
     model = loader.build_model(cfg, loader.DTYPES[dtype])
@@ -52,8 +60,10 @@ else:
         state.update(load_file(f))
     model.load_state_dict({loader.model_key(k): v for k, v in state.items()}, strict=False)
     del state
-model.eval().fuse()
-weights = sum({p.data_ptr(): p.nbytes for p in model.parameters()}.values())
+if mode not in ("int8", "int4"):
+    model.eval().fuse()
+tensors = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if "inv_freq" not in n]
+weights = sum({t.data_ptr(): t.nbytes for t in tensors}.values())
 print(json.dumps({"peak": status("VmHWM") - base, "after": status("VmRSS") - base, "weights": weights,
                   "seconds": time.perf_counter() - start}))
 """
@@ -63,13 +73,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--modes", default="stream,state-dict")
+    ap.add_argument("--modes", default="stream,state-dict,int8,int4")
     ap.add_argument("--out", default="bench/results/load_memory")
     args = ap.parse_args()
     rows = []
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
+                if mode in ("int8", "int4") and dtype != "bfloat16":
+                    continue  # quantized weights run with bf16 activations
                 proc = subprocess.run(
                     [sys.executable, "-c", PROBE, model, dtype, mode], capture_output=True, text=True
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from longserve.errors import CorruptModelError, InvalidParameterError
 from longserve.model import CausalLM, ModelArgs
 from longserve.model.checkpoint import TensorEntry, read_index, read_into
 from longserve.model.config import rope_tables
-from longserve.model.quant import DENSE, QUANTIZED, check_weights, quantize
+from longserve.model.quant import DENSE, QUANTIZED, check_weights, quantize_head, quantize_layer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: What `--dtype` / `LLM(dtype=)` accept: a name of DTYPES, or "auto" (see `default_dtype`).
@@ -109,7 +110,10 @@ def empty_model(hf_config, dtype: torch.dtype = torch.float32) -> CausalLM:
 
 
 def load_state(
-    model: CausalLM, path: Path, hint: str = "re-pull with `longserve models pull NAME --force`"
+    model: CausalLM,
+    path: Path,
+    hint: str = "re-pull with `longserve models pull NAME --force`",
+    on_layer: Callable[[int], None] | None = None,
 ) -> None:
     """Fill ``model`` with the safetensors weights in ``path``, each tensor read once, straight into the
     parameter's dtype (an fp32 file loads into a bf16 model without an fp32 copy of it).
@@ -117,7 +121,9 @@ def load_state(
     A model built by `empty_model` (meta parameters) takes the tensors by assignment, so peak memory is
     the weights plus one read chunk; a real model has them copied in (tests, re-loading a trained model).
     Refuses, with `CorruptModelError`, files that are truncated, keys that are missing or belong to no
-    part of the model, and shapes that disagree with the config.
+    part of the model, and shapes that disagree with the config. With ``on_layer`` (meta models only)
+    decoder layers are read one at a time and ``on_layer(i)`` runs as soon as layer ``i`` is in memory
+    (int8/int4 quantization: the dense copy of the whole model never exists).
     """
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -147,15 +153,32 @@ def load_state(
                 f"file, {list(param.shape)} in the model"
             )
     meta = any(p.is_meta for p in own.values())
-    state = _destinations(model, wanted)
-    read_into(entries, state, hint)
-    model.load_state_dict(state, strict=False, assign=meta)
-    del state
+    if on_layer is not None and not meta:
+        raise ValueError("on_layer needs a model built by empty_model")
+    groups = [wanted] if on_layer is None else _by_layer(wanted, model.args.n_layers)
+    for i, group in enumerate(groups):
+        state = _destinations(model, group)
+        read_into(entries, state, hint)
+        model.load_state_dict(state, strict=False, assign=meta)
+        del state
+        if on_layer is not None and i < model.args.n_layers:
+            on_layer(i)
     if tied:  # assignment replaced the embedding Parameter; the head must follow it
         model.lm_head.weight = model.model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a bug here, not a bad file: every key was checked above
         raise CorruptModelError(f"weights in {path} left {_some(left)} unloaded")
+
+
+def _by_layer(wanted: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
+    """``wanted`` split into one dict per decoder layer, then one for everything else (embedding, norm,
+    head), in that order."""
+    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers + 1)]
+    for key, value in wanted.items():
+        parts = key.split(".")
+        layer = int(parts[2]) if key.startswith("model.layers.") else n_layers
+        groups[layer][key] = value
+    return groups
 
 
 #: Parameters that `CausalLM.fuse` concatenates, per decoder layer. Reading them straight into one
@@ -237,8 +260,13 @@ def load(name_or_path: str, dtype: str = "auto", progress: bool = True, weights:
     except (OSError, ValueError) as exc:
         raise CorruptModelError(f"cannot read config/tokenizer in {path}: {exc}") from None
     model = empty_model(hf_config, torch_dtype)
-    load_state(model, path, hint)
-    model.eval().fuse()
-    if weights in QUANTIZED:
-        quantize(model, weights)
+    if weights in QUANTIZED:  # each layer quantized as soon as it is read: no dense copy of the model
+        load_state(
+            model, path, hint, on_layer=lambda i: quantize_layer(model.model.layers[i], weights, torch_dtype)
+        )
+        quantize_head(model, weights)
+        model.eval()
+    else:
+        load_state(model, path, hint)
+        model.eval().fuse()
     return LoadedModel(name_or_path, path, model, tokenizer, model.args, eos_ids(path, tokenizer, hf_config))

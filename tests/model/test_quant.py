@@ -135,3 +135,12 @@ def test_quantize_refuses_dense_names():
     loaded, _ = tiny_loaded("llama")
     with pytest.raises(InvalidParameterError, match="int8 or int4"):
         quantize(loaded.model, "bf16")
+
+
+def test_int4_packed_in_several_row_chunks_is_still_right():
+    """4096 inputs: 256-row chunks, so 1000 (padded to 1008) rows are packed in 4 pieces."""
+    lin = _linear(n=1000, k=4096, bias=False)
+    q = Int4Linear(lin, torch.float32, 128)
+    w = lin.weight.detach().reshape(1000, -1, 128)
+    step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15
+    assert ((q.weight.reshape(1000, -1, 128) - w).abs() <= step / 2 + 1e-6).all()

@@ -79,16 +79,17 @@ class Int4Linear(nn.Module):
         if rows != n:
             weight = torch.cat([weight, weight.new_zeros(rows - n, k)])
         n, groups = rows, k // group_size
-        q = torch.empty(n, k, dtype=torch.uint8)
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
         scale, lo = torch.empty(n, groups, 1), torch.empty(n, groups, 1)
-        for r in _row_chunks(weight):  # fp32 temporaries of a few MiB, not of the whole matrix
+        # fp32 and int32 temporaries of a few MiB, not of the whole matrix; the kernel's packing works on
+        # blocks of 64 rows, so chunks of 64-row multiples pack exactly as the whole matrix would
+        for r in _row_chunks(weight, multiple=64):
             w = weight[r].to(torch.float32, copy=True).reshape(-1, groups, group_size)
             lo[r] = w.amin(dim=-1, keepdim=True)
             scale[r] = (w.amax(dim=-1, keepdim=True) - lo[r]).clamp(min=1e-12) / 15
-            q[r] = w.sub_(lo[r]).div_(scale[r]).round_().clamp_(0, 15).to(torch.uint8).reshape(-1, k)
+            q = w.sub_(lo[r]).div_(scale[r]).round_().clamp_(0, 15).to(torch.int32).reshape(-1, k)
+            packed[r] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        del q
         self.register_buffer("packed", packed)
         sz = torch.cat([scale.reshape(n, -1, 1), zero.reshape(n, -1, 1)], dim=2).transpose(0, 1)
         self.register_buffer("scales_zeros", sz.contiguous().to(dtype))
@@ -113,9 +114,9 @@ class Int4Linear(nn.Module):
         return w_t[:, : self.out_features].t().contiguous()
 
 
-def _row_chunks(weight: torch.Tensor, chunk_bytes: int = 4 << 20) -> list[slice]:
-    """Row slices of ``weight`` whose fp32 copy is about ``chunk_bytes``."""
-    per = max(1, chunk_bytes // (4 * weight.shape[1]))
+def _row_chunks(weight: torch.Tensor, chunk_bytes: int = 4 << 20, multiple: int = 1) -> list[slice]:
+    """Row slices of ``weight`` whose fp32 copy is about ``chunk_bytes`` (a multiple of ``multiple`` rows)."""
+    per = max(multiple, chunk_bytes // (4 * weight.shape[1]) // multiple * multiple)
     return [slice(i, min(i + per, weight.shape[0])) for i in range(0, weight.shape[0], per)]
 
 
@@ -129,30 +130,48 @@ def int4_group(in_features: int, preferred: int) -> int:
     return max(fits)
 
 
+def _swap(parent: nn.Module, weights: str, dtype: torch.dtype, group_size: int) -> None:
+    """Replace the nn.Linear children of ``parent`` by their quantized versions."""
+    for name, child in list(parent.named_children()):
+        if type(child) is nn.Linear:
+            if weights == "int8":
+                setattr(parent, name, Int8Linear(child, dtype))
+            else:
+                setattr(parent, name, Int4Linear(child, dtype, int4_group(child.in_features, group_size)))
+
+
+def _check(weights: str) -> None:
+    if weights not in QUANTIZED:
+        raise InvalidParameterError(f"quantize takes {' or '.join(QUANTIZED)}, got {weights!r}")
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, weights: str, dtype: torch.dtype, group_size: int = 32) -> None:
+    """Quantize one decoder layer's linears (the loader calls this as each layer is read)."""
+    _check(weights)
+    layer.self_attn.qkv = None  # the fused dense copies would keep the dense weights alive
+    layer.mlp.gate_up = None
+    _swap(layer.self_attn, weights, dtype, group_size)
+    _swap(layer.mlp, weights, dtype, group_size)
+
+
+@torch.no_grad()
+def quantize_head(model: nn.Module, weights: str, group_size: int = 32) -> None:
+    """Quantize the LM head (a tied one gets its own copy: the embedding stays dense for lookups)."""
+    _check(weights)
+    _swap(model, weights, model.model.embed_tokens.weight.dtype, group_size)
+
+
 def quantize(model: nn.Module, weights: str, group_size: int = 32) -> nn.Module:
     """Replace every nn.Linear of ``model`` (a loaded CausalLM on the CPU) by its int8/int4 version, in
     the dtype of the model's activations; layer by layer, so at most one layer is held twice."""
-    if weights not in QUANTIZED:
-        raise InvalidParameterError(f"quantize takes {' or '.join(QUANTIZED)}, got {weights!r}")
+    _check(weights)
     dtype = model.model.embed_tokens.weight.dtype
     if model.model.embed_tokens.weight.device.type != "cpu":
         raise InvalidParameterError("int8/int4 weights run on the CPU kernels only; load on the CPU")
-
-    def swap(parent: nn.Module) -> None:
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                if weights == "int8":
-                    setattr(parent, name, Int8Linear(child, dtype))
-                else:
-                    setattr(parent, name, Int4Linear(child, dtype, int4_group(child.in_features, group_size)))
-
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.qkv = None  # the fused dense copies would keep the dense weights alive
-            layer.mlp.gate_up = None
-            swap(layer.self_attn)
-            swap(layer.mlp)
-        swap(model)  # the LM head (a tied one: the embedding stays dense)
+    for layer in model.model.layers:
+        quantize_layer(layer, weights, dtype, group_size)
+    quantize_head(model, weights, group_size)
     return model
 
 
