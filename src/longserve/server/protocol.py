@@ -13,7 +13,7 @@ server started with `--draft`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -87,27 +87,39 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormatSpec(BaseModel):
-    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (JSON matching it)."""
+class _Format(BaseModel):
+    """`response_format`: `text` (no constraint), `json_object` (any JSON object) or `json_schema`."""
 
-    model_config = ConfigDict(strict=True)
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormatSpec:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
-        return self
-
-    @property
-    def constrained(self) -> bool:
-        return self.type != "text"
+    model_config = ConfigDict(extra="allow", strict=True)
+    constrained: ClassVar[bool] = True
 
     @property
     def target_schema(self) -> dict[str, Any] | None:
         """The JSON schema to follow (None: any JSON object)."""
-        return self.json_schema.json_schema if self.type == "json_schema" and self.json_schema else None
+        return None
+
+
+class TextFormat(_Format):
+    type: Literal["text"]
+    constrained: ClassVar[bool] = False
+
+
+class JSONObjectFormat(_Format):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Format):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+    @property
+    def target_schema(self) -> dict[str, Any] | None:
+        return self.json_schema.json_schema
+
+
+ResponseFormatSpec = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class StreamOptions(BaseModel):
@@ -189,6 +201,11 @@ class GenerationRequest(BaseModel):
         return self.max_tokens
 
     @property
+    def given_max_tokens(self) -> dict[str, int]:
+        """Every max-tokens field the request set (each must fit the server, even one that is overridden)."""
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
+
+    @property
     def constrained(self) -> bool:
         """Whether the output follows a grammar (`response_format` json_object / json_schema)."""
         return self.response_format is not None and self.response_format.constrained
@@ -258,6 +275,15 @@ class ChatCompletionRequest(GenerationRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def given_max_tokens(self) -> dict[str, int]:
+        given = super().given_max_tokens
+        return (
+            given
+            if self.max_completion_tokens is None
+            else {**given, "max_completion_tokens": self.max_completion_tokens}
+        )
 
 
 class CompletionRequest(GenerationRequest):
