@@ -25,11 +25,27 @@ from pydantic import (
 )
 
 from longserve.engine.sampler import PENALTY_LIMIT, SEED_LIMIT, Grammar, SamplingParams
+from longserve.server.errors import APIError
 
 #: Request bodies are validated strictly (no `0` for `false`, no `"1"` for a number), so what the server
 #: accepts is exactly what /openapi.json describes; unknown fields are still allowed (and ignored).
 REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
 NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def has_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a lone UTF-16 surrogate (`"\\ud800"` parses to a str UTF-8 refuses)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
+    return False
 
 
 def integral_floats(value: Any) -> Any:
@@ -129,6 +145,22 @@ class StreamOptions(BaseModel):
 
 class GenerationRequest(BaseModel):
     model_config = REQUEST_CONFIG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Text that is not Unicode is refused naming its field before anything tokenizes or echoes it
+        (an APIError, not a ValueError, so pydantic lets it through with its `param`)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if has_surrogate(key) or has_surrogate(value):
+                    name = key.encode(errors="backslashreplace").decode()
+                    raise APIError(
+                        f"'{name}' holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode",
+                        param=name,
+                    )
+        return data
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     # the ranges SamplingParams enforces, checked here so a bad value is a 400 naming its field (JSON
