@@ -277,7 +277,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = REQUEST_CONFIG
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = ""  # absent: "" (chat templates index it)
 
     @field_validator("content")
     @classmethod
