@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -35,7 +36,7 @@ def test_a_burst_that_fits_the_free_slots_is_not_refused(engine):
         return refused.value
 
     err = asyncio.run(burst())
-    assert err.status_code == 429 and err.headers["Retry-After"] == "1"  # nothing has finished yet
+    assert err.status_code == 429 and int(err.headers["Retry-After"]) >= 1
 
 
 def test_retry_after_follows_the_queue_and_recent_service_time(engine):
@@ -44,3 +45,34 @@ def test_retry_after_follows_the_queue_and_recent_service_time(engine):
     assert engine.retry_after_s(7) == 12  # 8 requests over 4 slots, 6 s each
     engine._service_s = None
     assert engine.retry_after_s(50) == 1
+
+
+def test_a_fresh_server_estimates_retry_after_from_step_time_and_budgets(loaded):
+    """Before any request has finished, Retry-After was always 1 s, so a burst at a fresh server was told
+    to come back long before any slot could free; now: step time x the running requests' budgets."""
+    llm = LLM(loaded=loaded, max_batch_size=1, prefill_chunk=64)
+    engine = AsyncEngine(llm.engine(1, 2100), max_waiting=1)
+    params = SamplingParams(max_new_tokens=2000, ignore_eos=True)
+
+    async def run():
+        first = engine.submit([1, 2, 3], params, FullPolicy(), "long")
+        async for out in first:  # a few decode steps, so the step time is known
+            if len(out.seq.output_ids) >= 5:
+                break
+        second = engine.submit([1, 2, 3], params, FullPolicy(), "queued")
+        with pytest.raises(QueueFullError) as refused:
+            engine.submit([1, 2, 3], params, FullPolicy(), "refused")
+        estimate = engine.cold_service_s()
+        first.close()
+        second.close()
+        return refused.value, estimate
+
+    try:
+        err, estimate = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert engine._service_s is None and estimate == pytest.approx(engine.step_s * 2000, rel=0.5)
+    # one request queued ahead on one slot: two services of ~2000 steps each, never "1 s" (the step time
+    # moves between the refusal and the estimate read here: +-1 s)
+    retry_after = int(err.headers["Retry-After"])
+    assert retry_after > 1 and abs(retry_after - math.ceil(2 * estimate)) <= 1

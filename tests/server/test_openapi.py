@@ -70,6 +70,10 @@ def test_schema_carries_this_servers_limits(schema):
         ({"prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
+        (
+            {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": None}},
+            "response_format",
+        ),
     ],
 )
 def test_bodies_the_schema_rejects_are_400(server, body, param):
@@ -86,3 +90,11 @@ def test_integral_floats_are_integers_as_in_json_schema(server):
     resp = server.http.post("/v1/completions", json={"prompt": [[104.0, 105]], "max_tokens": 2.0})
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["prompt_tokens"] == 2 and resp.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_an_overridden_max_tokens_must_still_fit(server):
+    """Chat's max_completion_tokens wins over max_tokens, but the schema bounds both: both are checked."""
+    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2, "max_tokens": 600}
+    resp = server.http.post(CHAT, json=body)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    assert "max_tokens (600)" in resp.json()["error"]["message"]

@@ -158,10 +158,16 @@ class EngineThread:
 
     def retry_after_s(self, queued: int) -> int:
         """Seconds until a new request would likely get a slot: the queue ahead of it, served
-        `_n_slots()` at a time at the recent time per request (1 s until a request has finished)."""
-        if self._service_s is None:
+        `_n_slots()` at a time at the recent time per request (before any request has finished, the
+        running requests' token budgets at the recent step time; 1 s when nothing is known yet)."""
+        service = self._service_s if self._service_s is not None else self.cold_service_s()
+        if service is None:
             return 1
-        return max(1, min(3600, math.ceil(self._service_s * (queued + 1) / max(1, self._n_slots()))))
+        return max(1, min(3600, math.ceil(service * (queued + 1) / max(1, self._n_slots()))))
+
+    def cold_service_s(self) -> float | None:
+        """A request's service time guessed before any has finished (a burst at a fresh server)."""
+        return None
 
     def _free_slots(self) -> int:
         """KV slots free right now (read from any thread: an estimate, for admission control)."""
@@ -260,10 +266,19 @@ class AsyncEngine(EngineThread):
         self.metrics.kv_slots.set(engine.pool.n_slots)
         self.metrics.kv_pool_bytes.set(engine.pool.n_slots * engine.pool.slot_nbytes())
         self.max_running_seen = 0  # high-water mark of sequences holding a slot at once
+        self.step_s: float | None = None  # moving average of a step's wall time
         engine.scheduler.on_admit = self._admitted
 
     def _free_slots(self) -> int:
         return self.engine.pool.n_free
+
+    def cold_service_s(self) -> float | None:
+        """Step time x the mean token budget of the running requests (read from any thread: the
+        scheduler's list is copied, the budgets never change)."""
+        running = list(self.engine.scheduler.running)
+        if self.step_s is None or not running:
+            return None
+        return self.step_s * sum(s.params.max_new_tokens for s in running) / len(running)
 
     def _n_slots(self) -> int:
         return self.engine.pool.n_slots
@@ -304,8 +319,11 @@ class AsyncEngine(EngineThread):
             self._fail(request, exc)
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
+            took = time.perf_counter() - start
+            self.step_s = took if self.step_s is None else 0.9 * self.step_s + 0.1 * took
         except Exception as exc:
             step = self.engine.last_step
             seqs = step.seqs if step is not None else list(self.engine.scheduler.running)

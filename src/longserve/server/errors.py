@@ -7,6 +7,7 @@ that only exist behind HTTP (auth, queueing, routing) so one handler renders the
 from __future__ import annotations
 
 import hmac
+import json
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -72,8 +73,18 @@ def error_body(exc: LongserveError) -> dict:
     }
 
 
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote the client's input, and a string holding half a
+    UTF-16 surrogate pair (legal in JSON escapes) cannot be encoded as UTF-8 (the handler crashed)."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(exc: LongserveError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return ASCIIJSONResponse(
+        error_body(exc), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
 
 
 class APIKeyMiddleware:

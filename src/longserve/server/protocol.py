@@ -13,7 +13,7 @@ server started with `--draft`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,11 +25,27 @@ from pydantic import (
 )
 
 from longserve.engine.sampler import PENALTY_LIMIT, SEED_LIMIT, Grammar, SamplingParams
+from longserve.server.errors import APIError
 
 #: Request bodies are validated strictly (no `0` for `false`, no `"1"` for a number), so what the server
 #: accepts is exactly what /openapi.json describes; unknown fields are still allowed (and ignored).
 REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
 NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def has_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a lone UTF-16 surrogate (`"\\ud800"` parses to a str UTF-8 refuses)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
+    return False
 
 
 def integral_floats(value: Any) -> Any:
@@ -106,27 +122,39 @@ class JSONSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormatSpec(BaseModel):
-    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (JSON matching it)."""
+class _Format(BaseModel):
+    """`response_format`: `text` (no constraint), `json_object` (any JSON object) or `json_schema`."""
 
-    model_config = ConfigDict(strict=True)
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormatSpec:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
-        return self
-
-    @property
-    def constrained(self) -> bool:
-        return self.type != "text"
+    model_config = ConfigDict(extra="allow", strict=True)
+    constrained: ClassVar[bool] = True
 
     @property
     def target_schema(self) -> dict[str, Any] | None:
         """The JSON schema to follow (None: any JSON object)."""
-        return self.json_schema.json_schema if self.type == "json_schema" and self.json_schema else None
+        return None
+
+
+class TextFormat(_Format):
+    type: Literal["text"]
+    constrained: ClassVar[bool] = False
+
+
+class JSONObjectFormat(_Format):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Format):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+    @property
+    def target_schema(self) -> dict[str, Any] | None:
+        return self.json_schema.json_schema
+
+
+ResponseFormatSpec = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
 
 
 class StreamOptions(BaseModel):
@@ -136,6 +164,22 @@ class StreamOptions(BaseModel):
 
 class GenerationRequest(BaseModel):
     model_config = REQUEST_CONFIG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """Text that is not Unicode is refused naming its field before anything tokenizes or echoes it
+        (an APIError, not a ValueError, so pydantic lets it through with its `param`)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if has_surrogate(key) or has_surrogate(value):
+                    name = key.encode(errors="backslashreplace").decode()
+                    raise APIError(
+                        f"'{name}' holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode",
+                        param=name,
+                    )
+        return data
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     # the ranges SamplingParams enforces, checked here so a bad value is a 400 naming its field (JSON
@@ -209,6 +253,11 @@ class GenerationRequest(BaseModel):
         return self.max_tokens
 
     @property
+    def given_max_tokens(self) -> dict[str, int]:
+        """Every max-tokens field the request set (each must fit the server, even one that is overridden)."""
+        return {} if self.max_tokens is None else {"max_tokens": self.max_tokens}
+
+    @property
     def constrained(self) -> bool:
         """Whether the output follows a grammar (`response_format` json_object / json_schema)."""
         return self.response_format is not None and self.response_format.constrained
@@ -252,7 +301,7 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = REQUEST_CONFIG
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = ""  # absent: "" (chat templates index it)
 
     @field_validator("content")
     @classmethod
@@ -282,6 +331,15 @@ class ChatCompletionRequest(GenerationRequest):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def given_max_tokens(self) -> dict[str, int]:
+        given = super().given_max_tokens
+        return (
+            given
+            if self.max_completion_tokens is None
+            else {**given, "max_completion_tokens": self.max_completion_tokens}
+        )
 
 
 class CompletionRequest(GenerationRequest):

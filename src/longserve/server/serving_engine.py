@@ -139,6 +139,12 @@ class ServerState:
     def max_new_tokens(self, request: GenerationRequest, n: int) -> int:
         """max_tokens for a prompt of `n` tokens (its original length when pruned: positions go on from
         there), or `ContextLengthError`."""
+        for field, value in request.given_max_tokens.items():
+            if value >= self.max_model_len:
+                raise ContextLengthError(
+                    f"{field} ({value}) must be below this server's maximum context length of "
+                    f"{self.max_model_len} tokens (the prompt takes at least one)"
+                )
         max_new = request.requested_max_tokens
         if max_new is None:
             max_new = self.max_model_len - n
