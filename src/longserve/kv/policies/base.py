@@ -18,6 +18,18 @@ from longserve.kv.policies.strategy import APPEND, DecodeStrategy
 
 
 @dataclass
+class ScoringChunk:
+    """Tokens a scoring pass runs right after the prompt (`Policy.scoring_pass`); their attention
+    scores prompt entries `[start, end)`, normalised over the first `n_sink` entries, those, and the
+    chunk's own tokens."""
+
+    ids: list[int]
+    start: int
+    end: int
+    n_sink: int = 0
+
+
+@dataclass
 class ScoreInputs:
     """What a scorer may look at for one layer of one sequence at the end of prefill."""
 
@@ -28,6 +40,7 @@ class ScoreInputs:
     positions: torch.Tensor  # [L] original positions
     scaling: float
     seed: int = 0
+    pass_scores: torch.Tensor | None = None  # [Hkv, L] from the policy's scoring pass (KVzip), if any
 
     @property
     def group_size(self) -> int:
@@ -124,6 +137,11 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
     # ---- selection ---------------------------------------------------------------------------
+    def scoring_pass(self, prompt_ids: list[int], tokenizer: Any) -> list[ScoringChunk] | None:
+        """Extra tokens to run over the uncompressed prompt before selecting (their scores reach
+        `score()` as `inputs.pass_scores`); None, the default: score from the prompt's own queries."""
+        return None
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """[Hkv, L] importance of each cached token; higher is kept. Subclasses override."""
         raise NotImplementedError

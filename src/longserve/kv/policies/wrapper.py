@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.base import Policy, ScoreInputs, ScoringChunk
 from longserve.kv.policies.strategy import DecodeStrategy
 
 
@@ -48,6 +48,9 @@ class PolicyWrapper(Policy):
 
     def protected_prefix(self, kept: int) -> int:
         return self.policy.protected_prefix(kept)
+
+    def scoring_pass(self, prompt_ids: list[int], tokenizer: Any) -> list[ScoringChunk] | None:
+        return self.policy.scoring_pass(prompt_ids, tokenizer)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return self.policy.score(inputs)
