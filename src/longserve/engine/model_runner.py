@@ -20,6 +20,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, tokenizer=None):
         """`tokenizer`: for policies whose scoring pass is built from text (KVzip's repeat prompt)."""
         self.model, self.pool, self.tokenizer = model, pool, tokenizer
+        self.inv_freq = [model.layer_inv_freq(layer) for layer in range(pool.args.n_layers)]
         self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill
 
     def needs_staging(self, seq: Sequence) -> bool:
@@ -83,6 +84,7 @@ class ModelRunner:
             seed=seq.params.seed or 0,
             staging=staging,
             pass_scores=pass_scores,
+            inv_freq=self.inv_freq,
         )
         logits = self.model(ids, backend.positions[None], backend)
         backend.finish()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies.adakv import AdaKVPolicy
 from longserve.kv.policies.base import Policy, ScoreInputs, ScoringChunk
+from longserve.kv.policies.expected_attention import ExpectedAttentionPolicy
 from longserve.kv.policies.full import FullPolicy
 from longserve.kv.policies.h2o import H2OPolicy
 from longserve.kv.policies.knorm import KNormPolicy
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Policy]] = {
     "knorm": KNormPolicy,
     "random": RandomPolicy,
     "kvzip": KVzipPolicy,
+    "expected_attention": ExpectedAttentionPolicy,
 }
 
 #: Wrappers a keyword switches on (CLI flags, server JSON, eval specs), applied around the named policy:

@@ -17,6 +17,12 @@ from longserve.errors import InvalidParameterError
 from longserve.kv.policies.strategy import APPEND, DecodeStrategy
 
 
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin over the last dimension (cos/sin [..., D] broadcast)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 @dataclass
 class ScoringChunk:
     """Tokens a scoring pass runs right after the prompt (`Policy.scoring_pass`); their attention
@@ -41,6 +47,18 @@ class ScoreInputs:
     scaling: float
     seed: int = 0
     pass_scores: torch.Tensor | None = None  # [Hkv, L] from the policy's scoring pass (KVzip), if any
+    inv_freq: torch.Tensor | None = None  # [D/2] this layer's RoPE inverse frequencies, when known
+
+    def rotate(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE vectors x [..., T, D] moved by `offsets` [T] positions (RoPE's rotations compose:
+        R(a) R(b) = R(a + b)), the half-split layout of `model.transformer.apply_rope`."""
+        if self.inv_freq is None:
+            raise InvalidParameterError(
+                "this scorer needs the model's RoPE frequencies, which this path lacks"
+            )
+        angles = offsets.to(self.inv_freq)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], -1)
+        return rotate_by(x, angles.cos(), angles.sin())
 
     @property
     def group_size(self) -> int:
