@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--methods", default="kvzip,snapkv,expected_attention,knorm")
     ap.add_argument("--samples", type=int, default=None, help="only the first N samples of the ids file")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=28)
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
