@@ -10,8 +10,6 @@ from longserve.eval.suite import make_suite
 
 pytestmark = pytest.mark.integration
 
-SEED = 0  # a context whose two needles the full cache answers (checked below, not assumed)
-
 
 @pytest.fixture(scope="module")
 def llm():
@@ -21,17 +19,24 @@ def llm():
 
 
 def test_half_cache_answers_two_questions_from_one_saved_context(llm, tmp_path):
+    """The needle "The locker number for <name> is <value>." in ~2k tokens of stdlib prose, asked in
+    two wordings. (Asked the other way round, "whose locker is <value>?", or with two needles of two
+    people, SmolLM2-135M fails even with the full cache: the model, not the cache, limits those.)"""
     count = lambda text: len(llm.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-    params = {"natural_multikey": {"num_keys": 2}}
-    sample = make_suite(["natural_multikey"], 1, 2048, count, seed=SEED, task_params=params)[0]
-    questions = sample.metadata["questions"]
+    sample = make_suite(["natural_single"], 1, 2048, count, seed=0)[0]
+    name, value = sample.metadata["names"][0], sample.answers[0]
+    questions = [
+        (f"\n\nQuestion: What is the locker number for {name}?", value),
+        (f"\n\nTell me the locker number of {name}, please.", value),
+    ]
     full = llm.compress(sample.context)
-    for q in questions:  # the model itself can answer both from the whole context
-        assert q["answers"][0] in llm.ask(full, q["question"], max_new_tokens=20).text
+    for question, answer in questions:  # the model itself answers both from the whole context
+        assert answer in llm.ask(full, question, max_new_tokens=24).text
     ctx = llm.compress(sample.context, kv_policy="kvzip", kv_ratio=0.5)
-    assert ctx.fill == math.ceil(0.5 * full.fill) and ctx.nbytes * 2 <= full.nbytes + ctx.nbytes // ctx.fill
+    assert ctx.fill == math.ceil(0.5 * full.fill)
+    assert ctx.nbytes == ctx.fill * llm.loaded.args.kv_bytes_per_token()
     ctx.save(tmp_path / "ctx.safetensors")
     stored = CompressedContext.load(tmp_path / "ctx.safetensors", llm.fingerprint)
-    answers = [llm.ask(stored, q["question"], max_new_tokens=20).text for q in questions]
-    for q, text in zip(questions, answers, strict=True):
-        assert q["answers"][0] in text, (q["question"], text)
+    for question, answer in questions:
+        text = llm.ask(stored, question, max_new_tokens=24).text
+        assert answer in text, (question, text)
