@@ -102,7 +102,7 @@ def test_tasks_and_lengths():
     assert parse_tasks("ruler") == list(RULER)
     assert parse_tasks("vt,ruler,passkey")[:2] == ["vt", "niah_single_1"]
     assert "code_debug" in parse_tasks("all") and len(parse_tasks("all,vt")) == len(parse_tasks("all"))
-    with pytest.raises(InvalidParameterError, match="unknown task.*nope.*known: ruler, all"):
+    with pytest.raises(InvalidParameterError, match="unknown task.*nope.*known: ruler, natural, all"):
         parse_tasks("vt,nope")
     assert parse_lengths("1024, 4k") == [1024, 4096]
     with pytest.raises(InvalidParameterError, match="--lengths"):

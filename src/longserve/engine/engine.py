@@ -59,7 +59,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         device = device if device is not None else next(loaded.model.parameters()).device
         self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype, device=device)
-        self.runner = ModelRunner(loaded.model, self.pool, compiler)
+        self.runner = ModelRunner(loaded.model, self.pool, compiler, tokenizer=loaded.tokenizer)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.prefix_cache = prefix_cache
@@ -174,12 +174,14 @@ class LLMEngine:
     def caches(self, policy: Policy) -> bool:
         """Prefix caching covers models without sliding-window layers (see prefix_cache), under `full`
         and under policies that compress at prefill (their staged, uncompressed prefix is cached);
-        not Quest, whose page bounds are built from the slot, nor head-adaptive slots."""
+        not Quest, whose page bounds are built from the slot, head-adaptive slots, nor policies with a
+        scoring pass (KVzip scores the whole prompt in one pass over it)."""
         return (
             self.prefix_cache is not None
             and (policy.name == "full" or policy.compresses)
             and not policy.sparse_decode
             and not policy.head_adaptive
+            and not policy.has_scoring_pass
             and not any(self.loaded.args.layer_windows)
         )
 

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 
 from longserve.engine.compiled_decode import StepCompiler
 from longserve.engine.sequence import Sequence
+from longserve.errors import InvalidParameterError
 from longserve.kv.attention import DecodeBackend, PrefillBackend
 from longserve.kv.cache import KVPool
 from longserve.kv.policies import FullPolicy
+from longserve.kv.scoring_pass import run_scoring_pass
 from longserve.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, compiler: StepCompiler | None = None):
+    def __init__(self, model: CausalLM, pool: KVPool, compiler: StepCompiler | None = None, tokenizer=None):
         """`compiler`: decode steps of fixed-size (ring) policies run its `torch.compile`d graph per
-        batch bucket; other steps, and everything without one, run eagerly."""
-        self.model, self.pool, self.compiler = model, pool, compiler
+        batch bucket; other steps, and everything without one, run eagerly. `tokenizer`: for policies
+        whose scoring pass is built from text (KVzip's repeat prompt)."""
+        self.model, self.pool, self.compiler, self.tokenizer = model, pool, compiler, tokenizer
+        self.inv_freq = [model.layer_inv_freq(layer) for layer in range(pool.args.n_layers)]
         self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill
 
     def needs_staging(self, seq: Sequence) -> bool:
@@ -34,9 +41,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor | None:
-        """Run the next `n_tokens` of the prompt; returns the last logits once the prompt is done."""
+        """Run the next `n_tokens` of the prompt; returns the last logits once the prompt is done.
+
+        A policy with a scoring pass (`Policy.scoring_pass`, KVzip) has every prompt token but the
+        last staged uncompressed, its pass run over them, then the last token selects what the slot
+        keeps with the pass's scores (the normal final chunk: positions and book-keeping as usual)."""
         start, end = seq.prefilled, seq.prefilled + n_tokens
         final = end == seq.prompt_len
+        if not (final and seq.prompt_len > 1 and self.needs_staging(seq)):
+            return self._run(seq, start, end, final)
+        chunks = seq.policy.scoring_pass(seq.prompt_ids[:-1], self.tokenizer)
+        if chunks is None:
+            return self._run(seq, start, end, final)
+        if seq.prefix is not None:
+            raise InvalidParameterError(
+                f"policy '{seq.policy.name}' cannot compress a prompt on top of a prefix"
+            )
+        if end - 1 > start:
+            self._run(seq, start, end - 1, final=False)
+        started = time.perf_counter()
+        staged = self.staging[seq.seq_id]
+        scores = run_scoring_pass(self.model, staged, (self.pool, seq.slot), chunks, end - 1)
+        seq.scoring_pass_tokens += sum(len(c.ids) for c in chunks)
+        seq.scoring_pass_s += time.perf_counter() - started
+        last = [None if s is None else F.pad(s, (0, 1), value=float("inf")) for s in scores]
+        return self._run(seq, end - 1, end, final=True, pass_scores=last)
+
+    def _run(
+        self,
+        seq: Sequence,
+        start: int,
+        end: int,
+        final: bool,
+        pass_scores: list[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor | None:
         staging = self.staging.get(seq.seq_id)
         first = seq.prefilled == 0
         if staging is None and (
@@ -54,7 +92,14 @@ class ModelRunner:
             seq.prompt_positions[start:end] if seq.prompt_positions else range(offset + start, offset + end)
         )  # on the host: the pool's plan reads the next position from it, then moves it to the device
         backend = PrefillBackend(
-            self.pool, seq.slot, positions, final=final, seed=seq.params.seed or 0, staging=staging
+            self.pool,
+            seq.slot,
+            positions,
+            final=final,
+            seed=seq.params.seed or 0,
+            staging=staging,
+            pass_scores=pass_scores,
+            inv_freq=self.inv_freq,
         )
         logits = self.model(ids, backend.positions[None], backend)
         backend.finish()

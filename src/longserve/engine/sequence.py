@@ -54,6 +54,8 @@ class Sequence:
     kv_tokens_per_layer: list[int] = field(default_factory=list)
     kv_tokens_per_head: list[list[int]] | None = None  # head-adaptive slots: [layer][kv head]
     kv_bytes_read: int = 0  # K/V bytes attention read during decode
+    scoring_pass_tokens: int = 0  # tokens a policy's scoring pass ran over the prompt (KVzip: ~1x prompt)
+    scoring_pass_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -93,5 +95,7 @@ class Sequence:
             "compression_ratio": (self.prompt_len + self.prefix_tokens + len(self.output_ids))
             / max(1, self.kv_tokens_final),
             "kv_bytes_read": self.kv_bytes_read,
+            "scoring_pass_tokens": self.scoring_pass_tokens,
+            "scoring_pass_s": self.scoring_pass_s,
             "finish_reason": self.finish_reason,
         }

@@ -226,7 +226,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-context", type=int, help="context window to check lengths against (endpoints)")
     g = p.add_argument_group("samples")
-    g.add_argument("--tasks", help="comma list of synthetic tasks, 'ruler' (default) or 'all'")
+    g.add_argument(
+        "--tasks",
+        help="comma list of synthetic tasks, 'ruler' (default), 'natural' (needles in real prose) or 'all'",
+    )
     g.add_argument("--lengths", default=DEFAULT_LENGTHS, help="prompt lengths in tokens, e.g. 1024,2048,4k")
     g.add_argument("--samples", type=int, default=5, help="samples per task and length")
     g.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,7 @@ from functools import partial
 
 from longserve.errors import InvalidParameterError
 from longserve.eval.code_debug import code_debug
+from longserve.eval.natural import natural_multikey, natural_multivalue, natural_prose, natural_single
 from longserve.eval.niah import niah_multikey, niah_multiquery, niah_multivalue, niah_single
 from longserve.eval.sample import Sample
 from longserve.eval.specs import split_list
@@ -31,9 +32,23 @@ TASKS: dict[str, Generator] = {
     "fwe": fwe,
     "passkey": passkey,
     "code_debug": code_debug,
+    "natural_single": natural_single,
+    "natural_multikey": natural_multikey,
+    "natural_multivalue": natural_multivalue,
+    "natural_prose": natural_prose,
 }
 #: Tasks whose single needle is placed at evenly spaced depths across a suite's samples.
-DEPTH_SWEPT = {"niah_single", "niah_single_1", "niah_single_2", "niah_single_3", "passkey"}
+DEPTH_SWEPT = {
+    "niah_single",
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "passkey",
+    "natural_single",
+    "natural_prose",
+}
+#: The natural-text needle suite (`natural`): real prose haystacks instead of repeated filler.
+NATURAL = ("natural_single", "natural_multikey", "natural_multivalue", "natural_prose")
 
 
 #: RULER's synthetic categories as implemented here (its qa_1/qa_2 need SQuAD/HotpotQA: use --longbench).
@@ -51,14 +66,16 @@ RULER = (
 
 
 def parse_tasks(text: str) -> list[str]:
-    """Comma list of task names; `ruler` expands to the RULER set and `all` to every synthetic task."""
+    """Comma list of task names; `ruler` expands to the RULER set, `natural` to the natural-text needle
+    suite and `all` to every synthetic task."""
+    sets = {"ruler": RULER, "natural": NATURAL, "all": tuple(TASKS)}
     tasks: list[str] = []
     for name in split_list(text):
-        expanded = RULER if name == "ruler" else tuple(TASKS) if name == "all" else (name,)
+        expanded = sets.get(name, (name,))
         tasks += [t for t in expanded if t not in tasks]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise InvalidParameterError(
-            f"unknown task(s) {', '.join(unknown)}; known: ruler, all, {', '.join(TASKS)}"
+            f"unknown task(s) {', '.join(unknown)}; known: ruler, natural, all, {', '.join(TASKS)}"
         )
     return tasks

@@ -42,11 +42,16 @@ class PrefillBackend:
         seed: int = 0,
         staging: tuple[KVPool, int] | None = None,
         compress: bool = True,
+        pass_scores: list[torch.Tensor | None] | None = None,
+        inv_freq: list[torch.Tensor] | None = None,
     ):
         """`staging`: where earlier chunks of a long prompt wait, uncompressed, until the final chunk
         lets the policy pick what the real slot keeps (chunked prefill of a compressed sequence).
-        `compress=False` appends without running the policy (e.g. speculative verification)."""
-        self.pool, self.slot, self.seed = pool, slot, seed
+        `compress=False` appends without running the policy (e.g. speculative verification).
+        `pass_scores`: per layer, the policy's scoring-pass scores of every prompt entry (KVzip);
+        `inv_freq`: per layer, RoPE inverse frequencies for scorers that rotate (expected attention)."""
+        self.pool, self.slot, self.seed, self.pass_scores = pool, slot, seed, pass_scores
+        self.inv_freq = inv_freq
         self.plan = pool.plan_prefill(slot, positions, final, staging, compress)
         self.positions = self.plan.positions
         self.src_pool, self.src_slot = self.plan.src_pool, self.plan.src_slot
@@ -118,7 +123,11 @@ class PrefillBackend:
         needs_scores = policy.decode.accumulates_scores
         scores = None
         if n_keep < total or needs_scores:
-            inputs = ScoreInputs(layer, q, keys, values, key_pos[0], pool.args.scaling, self.seed)
+            extra = self.pass_scores[layer] if self.pass_scores is not None else None
+            freq = self.inv_freq[layer] if self.inv_freq is not None else None
+            inputs = ScoreInputs(
+                layer, q, keys, values, key_pos[0], pool.args.scaling, self.seed, extra, freq
+            )
             if n_keep < total and policy.head_adaptive:
                 self._write_adaptive(layer, policy.select_adaptive(inputs, n_keep), keys, values, key_pos)
                 return

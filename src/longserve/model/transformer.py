@@ -213,6 +213,11 @@ class CausalLM(nn.Module):
             out.append(((emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]))
         return out
 
+    def layer_inv_freq(self, layer: int) -> torch.Tensor:
+        """[D/2] RoPE inverse frequencies of one layer: a scorer can rotate a post-RoPE vector to
+        another position (expected attention predicts future queries that way)."""
+        return getattr(self, f"inv_freq_{self.rope_kinds[self.layer_rope_index[layer]]}")
+
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, backend) -> torch.Tensor:
         x = self.model.embed_tokens(ids)
         if self.args.gemma_style:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from longserve.errors import InvalidParameterError
 from longserve.kv.policies.adakv import AdaKVPolicy
-from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.base import Policy, ScoreInputs, ScoringChunk
+from longserve.kv.policies.expected_attention import ExpectedAttentionPolicy
 from longserve.kv.policies.full import FullPolicy
 from longserve.kv.policies.h2o import H2OPolicy
 from longserve.kv.policies.knorm import KNormPolicy
+from longserve.kv.policies.kvzip import KVzipPolicy
 from longserve.kv.policies.quest import QuestPolicy
 from longserve.kv.policies.random import RandomPolicy
 from longserve.kv.policies.sage import SagePolicy
@@ -27,6 +29,8 @@ REGISTRY: dict[str, type[Policy]] = {
     "quest": QuestPolicy,
     "knorm": KNormPolicy,
     "random": RandomPolicy,
+    "kvzip": KVzipPolicy,
+    "expected_attention": ExpectedAttentionPolicy,
 }
 
 #: Wrappers a keyword switches on (CLI flags, server JSON, eval specs), applied around the named policy:
@@ -79,5 +83,6 @@ __all__ = [
     "Policy",
     "PolicyWrapper",
     "ScoreInputs",
+    "ScoringChunk",
     "make_policy",
 ]

@@ -17,6 +17,24 @@ from longserve.errors import InvalidParameterError
 from longserve.kv.policies.strategy import APPEND, DecodeStrategy
 
 
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin over the last dimension (cos/sin [..., D] broadcast)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class ScoringChunk:
+    """Tokens a scoring pass runs right after the prompt (`Policy.scoring_pass`); their attention
+    scores prompt entries `[start, end)`, normalised over the first `n_sink` entries, those, and the
+    chunk's own tokens."""
+
+    ids: list[int]
+    start: int
+    end: int
+    n_sink: int = 0
+
+
 @dataclass
 class ScoreInputs:
     """What a scorer may look at for one layer of one sequence at the end of prefill."""
@@ -28,6 +46,19 @@ class ScoreInputs:
     positions: torch.Tensor  # [L] original positions
     scaling: float
     seed: int = 0
+    pass_scores: torch.Tensor | None = None  # [Hkv, L] from the policy's scoring pass (KVzip), if any
+    inv_freq: torch.Tensor | None = None  # [D/2] this layer's RoPE inverse frequencies, when known
+
+    def rotate(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE vectors x [..., T, D] moved by `offsets` [T] positions (RoPE's rotations compose:
+        R(a) R(b) = R(a + b)), the half-split layout of `model.transformer.apply_rope`."""
+        if self.inv_freq is None:
+            raise InvalidParameterError(
+                "this scorer needs the model's RoPE frequencies, which this path lacks"
+            )
+        angles = offsets.to(self.inv_freq)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], -1)
+        return rotate_by(x, angles.cos(), angles.sin())
 
     @property
     def group_size(self) -> int:
@@ -100,6 +131,7 @@ class Policy:
     compresses: ClassVar[bool] = True
     sparse_decode: ClassVar[bool] = False  # decode reads a query-selected subset of the cache (Quest)
     head_adaptive: ClassVar[bool] = False  # slots keep a flat (head, token) layout (AdaKV)
+    has_scoring_pass: ClassVar[bool] = False  # `scoring_pass` runs extra tokens over the prompt (KVzip)
 
     def __post_init__(self) -> None:
         if not self.compresses:
@@ -153,6 +185,11 @@ class Policy:
         return dataclasses.replace(self, **changes)
 
     # ---- selection ---------------------------------------------------------------------------
+    def scoring_pass(self, prompt_ids: list[int], tokenizer: Any) -> list[ScoringChunk] | None:
+        """Extra tokens to run over the uncompressed prompt before selecting (their scores reach
+        `score()` as `inputs.pass_scores`); None, the default: score from the prompt's own queries."""
+        return None
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         """[Hkv, L] importance of each cached token; higher is kept. Subclasses override."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longserve.kv.policies.base import Policy, ScoreInputs
+from longserve.kv.policies.base import Policy, ScoreInputs, ScoringChunk
 from longserve.kv.policies.strategy import DecodeStrategy
 
 
@@ -31,6 +31,7 @@ class PolicyWrapper(Policy):
     name = property(lambda self: self.policy.name)
     compresses = property(lambda self: self.policy.compresses)
     sparse_decode = property(lambda self: self.policy.sparse_decode)
+    has_scoring_pass = property(lambda self: self.policy.has_scoring_pass)
 
     @property
     def decode(self) -> DecodeStrategy:
@@ -48,6 +49,9 @@ class PolicyWrapper(Policy):
 
     def protected_prefix(self, kept: int) -> int:
         return self.policy.protected_prefix(kept)
+
+    def scoring_pass(self, prompt_ids: list[int], tokenizer: Any) -> list[ScoringChunk] | None:
+        return self.policy.scoring_pass(prompt_ids, tokenizer)
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return self.policy.score(inputs)
