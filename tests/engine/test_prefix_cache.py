@@ -113,7 +113,7 @@ def test_a_cancelled_request_leaves_the_cache_as_it_was(loaded):
     assert engine.pool.n_free == 1
 
 
-@pytest.mark.parametrize("name", [n for n, cls in REGISTRY.items() if cls.compresses])
+@pytest.mark.parametrize("name", [n for n, c in REGISTRY.items() if c.compresses and not c.has_scoring_pass])
 def test_compressing_policies_cache_their_staged_prefix_and_a_hit_equals_a_miss(loaded, name):
     """The cached part is the uncompressed prefix staged before the final chunk compresses: a hit
     skips its prefill, and the policy then selects over exactly the KV a miss would have."""
@@ -129,8 +129,9 @@ def test_compressing_policies_cache_their_staged_prefix_and_a_hit_equals_a_miss(
     assert second.stats["kv_bytes_allocated"] == first.stats["kv_bytes_allocated"]  # still the budget
 
 
-def test_quest_head_adaptive_and_sliding_window_models_are_not_cached(loaded):
+def test_quest_head_adaptive_scoring_pass_and_sliding_window_models_are_not_cached(loaded):
     llm = fresh(loaded)
+    llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="kvzip", kv_budget=100)
     llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="quest", kv_budget=64)
     llm.generate(prompt(11, 200), max_new_tokens=2, kv_policy="snapkv", kv_budget=100, head_adaptive=True)
     assert llm.prefix_cache.stats.entries == 0 and llm.prefix_cache.stats.misses == 0
