@@ -57,9 +57,8 @@ def main() -> None:
                 {"role": "system", "content": sample.context},
                 {"role": "user", "content": sample.question.strip()},
             ]
-            before = llm.prefix_cache.stats.bytes
             miss = llm.generate(messages, max_new_tokens=sample.max_new_tokens, cache_prefix=spec)[0]
-            entry_bytes.append(llm.prefix_cache.stats.bytes - before)
+            entry_bytes.append(next(reversed(llm.prefix_cache.entries.values())).nbytes)  # the newest
             start = time.perf_counter()
             hit = llm.generate(messages, max_new_tokens=sample.max_new_tokens, cache_prefix=spec)[0]
             hit_ttft.append(hit.stats["ttft_s"] or time.perf_counter() - start)

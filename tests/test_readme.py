@@ -83,8 +83,9 @@ def check_compressed_prefix(block: str, ns: dict, printed: str) -> None:
     """The first question compresses the system turn, the second reuses it; the cache holds half of it."""
     (c1, p1, b1), (c2, p2, b2) = (map(int, line.split()) for line in printed.strip().splitlines())
     assert c1 == 0 and 0 < c2 < p2 and b1 == b2 > 0
-    full_bytes = c2 * ns["llm"].loaded.args.kv_bytes_per_token()
-    assert b1 <= 0.5 * full_bytes + 64 * ns["llm"].loaded.args.kv_bytes_per_token()
+    per_token = ns["llm"].loaded.args.kv_bytes_per_token(ns["llm"].dtype)
+    full_bytes = c2 * per_token
+    assert b1 <= 0.5 * full_bytes + 64 * per_token
 
 
 #: Each example's check, found by a line that only that example has.

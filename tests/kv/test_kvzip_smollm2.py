@@ -34,7 +34,7 @@ def test_half_cache_answers_two_questions_from_one_saved_context(llm, tmp_path):
         assert answer in llm.ask(full, question, max_new_tokens=24).text
     ctx = llm.compress(sample.context, kv_policy="kvzip", kv_ratio=0.5)
     assert ctx.fill == math.ceil(0.5 * full.fill)
-    assert ctx.nbytes == ctx.fill * llm.loaded.args.kv_bytes_per_token()
+    assert ctx.nbytes == ctx.fill * llm.loaded.args.kv_bytes_per_token(llm.dtype)
     ctx.save(tmp_path / "ctx.safetensors")
     stored = CompressedContext.load(tmp_path / "ctx.safetensors", llm.fingerprint)
     for question, answer in questions:

@@ -119,7 +119,7 @@ class LLMEngine:
     ) -> Sequence:
         """Queue a request. `prefix`: a compressed context the prompt continues; `cache_prefix`: the
         first tokens of the prompt become (or reuse) a cached compressed prefix."""
-        prompt_ids, cached, hit = list(prompt_ids), 0, False
+        prompt_ids, cached, hit, arrival = list(prompt_ids), 0, False, time.perf_counter()
         if cache_prefix is not None:
             if prefix is not None or positions is not None:
                 raise InvalidParameterError(
@@ -131,6 +131,7 @@ class LLMEngine:
             prompt_ids, params, policy, request_id=request_id, prompt_positions=positions, prefix=prefix
         )
         seq.prefix_tokens, seq.cached_tokens = cached, cached if hit else 0
+        seq.arrival = arrival  # TTFT includes compressing a new prefix
         if self.caches(policy) and positions is None and prefix is None:
             seq.cache_ids = (
                 seq.prompt_ids
