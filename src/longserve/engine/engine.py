@@ -125,6 +125,7 @@ class LLMEngine:
                 raise InvalidParameterError(
                     "cache_prefix cannot be combined with a given prefix or positions"
                 )
+            self.check_cache_prefix(len(prompt_ids), params, policy, cache_prefix)  # before compressing
             prefix, hit = self.compressed_prefix(prompt_ids, cache_prefix)
             cached, prompt_ids = cache_prefix.n_tokens, prompt_ids[cache_prefix.n_tokens :]
         seq = Sequence(
@@ -141,16 +142,13 @@ class LLMEngine:
     def compressed_prefix(self, ids: list[int], spec: CachePrefix) -> tuple[CompressedContext, bool]:
         """(the cached compressed KV of `ids[:spec.n_tokens]` under `spec.policy`, whether it was cached).
         A miss compresses the prefix now, in a one-slot engine of its own over the same model (running
-        slots are untouched), and caches it: the first request pays the prefix's prefill in one go."""
+        slots are untouched), and caches it: the first request pays the prefix's prefill in one go.
+        `add_request` checks the request (`check_cache_prefix`) before calling this."""
         if self.prefix_cache is None:
             raise InvalidParameterError(
                 "cache_prefix needs a prefix cache: LLM(..., prefix_cache='1GiB') or --prefix-cache-memory"
             )
         n = spec.n_tokens
-        if not 0 < n < len(ids):
-            raise InvalidParameterError(
-                f"cache_prefix covers {n} of the prompt's {len(ids)} tokens; it must leave at least one"
-            )
         key = self.prefix_cache.compressed_key(ids[:n], spec.policy)
         ctx = self.prefix_cache.get_compressed(key)
         if ctx is not None:
