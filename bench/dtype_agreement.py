@@ -17,20 +17,7 @@ import time
 from common import command, machine, write_result
 
 from longserve import LLM
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(key: int, n_filler: int, depth: float) -> str:
-    """The pass-key prompt of tests/integration/test_smollm2.py."""
-    parts = [FILLER] * n_filler
-    parts.insert(int(n_filler * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return (
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important information there.\n"
-        + "".join(parts)
-        + "\nWhat is the pass key? The pass key is"
-    )
+from longserve.eval.synthetic import filler_passkey_prompt
 
 
 def prompts() -> list[dict]:
@@ -50,13 +37,18 @@ def prompts() -> list[dict]:
         out.append(
             {
                 "name": f"passkey-1k-{depth}",
-                "prompt": passkey_prompt(key, 40, depth),
+                "prompt": filler_passkey_prompt(key, 40, depth),
                 "tokens": 8,
                 "answer": str(key),
             }
         )
     out.append(
-        {"name": "passkey-2k-0.5", "prompt": passkey_prompt(60494, 80, 0.5), "tokens": 8, "answer": "60494"}
+        {
+            "name": "passkey-2k-0.5",
+            "prompt": filler_passkey_prompt(60494, 80, 0.5),
+            "tokens": 8,
+            "answer": "60494",
+        }
     )
     return out
 

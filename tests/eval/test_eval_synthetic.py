@@ -3,6 +3,7 @@ import re
 import pytest
 
 from longserve.errors import InvalidParameterError
+from longserve.eval import synthetic
 from longserve.eval.metrics import string_match_all
 from longserve.eval.sample import fit_length
 from longserve.eval.suite import make_suite
@@ -158,3 +159,11 @@ def test_multi_needle_tasks_honour_depth(count_tokens, task, depth):
         assert abs(haystack.index(value) / len(haystack) - depth) < 0.05, (value, depth)
     again = make_suite([task], 1, 3000, count_tokens, seed=2)[0]
     assert again.depth is None  # without `depth` the needles stay at random depths
+
+
+def test_filler_passkey_prompt_places_the_key_at_its_depth():
+    prompt = synthetic.filler_passkey_prompt(48213, 40, 0.25)
+    body = prompt.split("\n")[1]
+    before, _, after = body.partition("The pass key is 48213.")
+    assert before.count(synthetic.NOISE) == 10 and after.count(synthetic.NOISE) == 30
+    assert prompt.endswith("What is the pass key? The pass key is")

@@ -8,20 +8,9 @@ import sys
 import pytest
 import torch
 
+from longserve.eval.synthetic import filler_passkey_prompt
+
 pytestmark = pytest.mark.integration
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def passkey_prompt(key: int, n_filler: int, depth: float) -> str:
-    parts = [FILLER] * n_filler
-    parts.insert(int(n_filler * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    return (
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important information there.\n"
-        + "".join(parts)
-        + "\nWhat is the pass key? The pass key is"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +45,7 @@ def test_full_matches_transformers_greedy():
 
 def test_passkey_full_attention_1k(llm):
     keys = [random.Random(i).randint(10000, 99999) for i in range(3)]
-    prompts = [passkey_prompt(k, 40, d) for k, d in zip(keys, (0.25, 0.5, 0.75), strict=True)]
+    prompts = [filler_passkey_prompt(k, 40, d) for k, d in zip(keys, (0.25, 0.5, 0.75), strict=True)]
     outs = llm.generate(prompts, max_new_tokens=8)
     assert 900 < outs[0].prompt_tokens < 1200
     assert sum(str(k) in o.text for k, o in zip(keys, outs, strict=True)) >= 2
@@ -67,7 +56,7 @@ def test_passkey_full_attention_1k(llm):
 )
 def test_needle_survives_compression_at_budget_256(llm, policy, head_adaptive):
     key = 60494
-    prompt = passkey_prompt(key, 80, 0.5)  # ~2k tokens, needle in the middle
+    prompt = filler_passkey_prompt(key, 80, 0.5)  # ~2k tokens, needle in the middle
     full = llm.generate(prompt, max_new_tokens=8)[0]
     assert str(key) in full.text
     out = llm.generate(
@@ -89,7 +78,7 @@ def test_quantized_weights_still_answer(weights):
     msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     assert "Paris" in q.generate(msgs, max_new_tokens=12)[0].text
     key = 60494
-    out = q.generate(passkey_prompt(key, 80, 0.5), max_new_tokens=8)[0]
+    out = q.generate(filler_passkey_prompt(key, 80, 0.5), max_new_tokens=8)[0]
     assert str(key) in out.text, out.text
 
 
@@ -102,7 +91,7 @@ def test_streaming_loses_the_middle_needle(llm):
     from longserve.eval.synthetic import load_words
 
     key = 60494
-    prompt = passkey_prompt(key, 80, 0.5)
+    prompt = filler_passkey_prompt(key, 80, 0.5)
     assert str(key) in llm.generate(prompt, max_new_tokens=8)[0].text
     out = llm.generate(prompt, max_new_tokens=8, kv_policy="streaming", kv_budget=256)[0]
     assert str(key) not in out.text
@@ -114,7 +103,7 @@ def test_streaming_loses_the_middle_needle(llm):
 def test_compress_once_ask_many(llm, tmp_path):
     from longserve import CompressedContext
 
-    context = passkey_prompt(48213, 40, 0.5).rsplit("\n", 1)[0]
+    context = filler_passkey_prompt(48213, 40, 0.5).rsplit("\n", 1)[0]
     ctx = llm.compress(context, kv_policy="snapkv", kv_budget=256)
     assert ctx.fill == 256
     path = tmp_path / "ctx.safetensors"

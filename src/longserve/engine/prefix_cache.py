@@ -83,6 +83,7 @@ class PrefixCache:
         self.index: dict[bytes, dict[int, None]] = {}  # block hash -> entries holding that prefix
         self.entry_hashes: dict[int, list[bytes]] = {}
         self.compressed: dict[bytes, int] = {}  # compressed-prefix key -> entry
+        self.compressed_key_of: dict[int, bytes] = {}  # and back, so an eviction is O(1)
         self.stats = CacheStats()
         self._next_id = 0
 
@@ -133,6 +134,7 @@ class PrefixCache:
             return
         entry_id = self._add(ctx, [])
         self.compressed[key] = entry_id
+        self.compressed_key_of[entry_id] = key
         self.stats.compressed_entries += 1
 
     def insert(self, ids: list[int], ctx: CompressedContext) -> None:
@@ -176,7 +178,8 @@ class PrefixCache:
             holders.pop(entry_id, None)
             if not holders:
                 del self.index[h]
-        for key in [k for k, v in self.compressed.items() if v == entry_id]:
+        key = self.compressed_key_of.pop(entry_id, None)
+        if key is not None:
             del self.compressed[key]
             self.stats.compressed_entries -= 1
         self.stats.evicted += 1

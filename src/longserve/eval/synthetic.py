@@ -28,6 +28,21 @@ MAX_UNITS = 1 << 22
 Generator = Callable[..., Sample]
 
 
+def filler_passkey_prompt(key: int, n_filler: int, depth: float) -> str:
+    """The classic pass-key prompt over `n_filler` repeats of the noise sentence (raw text, no template).
+
+    The easy haystack: the integration tests and the dtype-agreement bench use it because any scorer
+    finds the one odd sentence, so a wrong answer there points at the engine, not at compression."""
+    parts = [NOISE + " "] * n_filler
+    parts.insert(int(n_filler * depth), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    return (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+        "I will quiz you about the important information there.\n"
+        + "".join(parts)
+        + "\nWhat is the pass key? The pass key is"
+    )
+
+
 @lru_cache(maxsize=1)
 def load_words() -> tuple[str, ...]:
     """The shipped word list (`longserve/data/eval_words.txt`), sorted, comments dropped."""
