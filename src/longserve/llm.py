@@ -82,6 +82,11 @@ class LLM:
         if device is not None:  # the engine then builds its KV pool where the weights are
             self.loaded.model.to(device)
         self.device = next(self.loaded.model.parameters()).device
+        # bf16 (and quantized, bf16-activation) GEMMs: one-token steps padded to two rows, so a token's
+        # logits do not depend on how many rows its forward ran (exact speculative decoding); in fp32
+        # the 2-row GEMM is the slower MKL path, so fp32 keeps the 1-row GEMV
+        activations = self.loaded.model.model.embed_tokens.weight.dtype
+        self.loaded.model.row_invariant = activations != torch.float32
         self.tokenizer = self.loaded.tokenizer
         self.dtype = DTYPES[dtype]
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk

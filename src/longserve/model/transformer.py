@@ -184,9 +184,27 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_eps, 1.0 if args.gemma_style else 0.0)
 
 
+class _FirstRow:
+    """Wraps a backend for a one-token forward padded to two rows: attention sees only the real token."""
+
+    def __init__(self, backend: AttentionBackend):
+        self.backend = backend
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.backend.attend(layer, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+        return out.repeat(1, 1, 2, 1)
+
+
 class CausalLM(nn.Module):
     """`forward(ids, positions, backend)` -> logits. Positions are explicit per token, so evicted or
-    skipped tokens never shift the RoPE phase of what comes after them."""
+    skipped tokens never shift the RoPE phase of what comes after them.
+
+    `row_invariant`: a one-token forward runs its linears on two rows (the token twice). A CPU GEMM
+    computes each row of a 2..k-row product exactly as it does in any other row count, but the 1-row
+    product takes a GEMV path that sums in another order (bf16: up to an ulp per output); padding makes a
+    token's logits the same bits whether it runs alone or in a speculative k+1-row verify."""
+
+    row_invariant: bool = False
 
     def __init__(self, args: ModelArgs, rope: dict[str, tuple[torch.Tensor, float]]):
         super().__init__()
@@ -261,5 +279,8 @@ class CausalLM(nn.Module):
         return logits
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, backend, last_only: bool = True):
+        if self.row_invariant and ids.numel() == 1 and not torch.compiler.is_compiling():
+            hidden = self.hidden_states(ids.repeat(1, 2), positions.repeat(1, 2), _FirstRow(backend))[:, :1]
+            return self.logits(hidden[:, -1] if last_only else hidden)
         hidden = self.hidden_states(ids, positions, backend)
         return self.logits(hidden[:, -1] if last_only else hidden)

@@ -18,7 +18,9 @@ first `m` tokens would hold. How each policy is handled:
   journal, newest first.
 
 Either way the valid cache entries, positions, fill and ring/eviction state after `commit(m)` are those
-of a non-speculative run (K/V equal up to float rounding of the batched matmuls).
+of a non-speculative run. With `exact` (the default for bf16 models, whose one-token steps are
+row-invariant: `CausalLM.row_invariant`) every block takes the stepped path, so K/V and logits are also
+bit-identical to plain decoding; the stepped attention costs a few percent more than the one-shot block.
 """
 
 from __future__ import annotations
@@ -82,8 +84,12 @@ class SpeculativeSlot:
     keep the first `m` tokens run since the last commit and undo the rest.
     """
 
-    def __init__(self, model: CausalLM, pool: KVPool, slot: int):
+    def __init__(self, model: CausalLM, pool: KVPool, slot: int, exact: bool | None = None):
+        """`exact` (default: the model's `row_invariant`): every block runs the stepped path, whose
+        attention is a plain decode step's per token; with row-invariant linears a verified token's
+        logits are then the same bits as in target-only decoding, so greedy output is identical."""
         self.model, self.pool, self.slot = model, pool, slot
+        self.exact = model.row_invariant if exact is None else exact
         self.journal: list[list[_Undo]] = []  # per uncommitted token
         self.states: list[SlotState] = []  # slot book-keeping after each uncommitted token
         self.base: SlotState | None = None  # book-keeping before the first uncommitted token
@@ -116,7 +122,7 @@ class SpeculativeSlot:
             raise ValueError("forward needs at least one token")
         if self.base is None:
             self.base = snapshot(self.state)
-        if len(ids) > 1 and self.can_block(len(ids)):  # one token: plain in-place decode is cheaper
+        if len(ids) > 1 and not self.exact and self.can_block(len(ids)):  # one token: plain decode
             return self._block(ids)
         return self._stepped(ids)
 
