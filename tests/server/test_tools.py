@@ -447,3 +447,32 @@ def test_qwen_calls_get_weather_through_the_openai_client():
         )
         assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content
         assert "18" in r.choices[0].message.content or "sunny" in r.choices[0].message.content.lower()
+
+
+NASTY = [None, True, 0, -1, 2.5, 2**70, float("nan"), "", "auto", "x" * 100, [], {}, [[]], [None], [{}],
+         {"type": "function"}, {"type": "function", "function": {"name": 7}}, [{"type": "function", "function": None}],
+         [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": 5}}}],
+         [{"type": "function", "function": {"name": "f", "parameters": {"type": ["object", "null"]}}}]]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "field", ["tools", "tool_choice", "parallel_tool_calls", "tool_calls", "tool_call_id"]
+)
+def test_fuzzed_tool_fields_are_answered_or_refused_never_500(server, field):
+    for value in NASTY:
+        for choice in ("auto", "required"):
+            body = {
+                "messages": [dict(MESSAGES[0])],
+                "tools": [WEATHER],
+                "tool_choice": choice,
+                "max_tokens": 2,
+            }
+            if field in ("tool_calls", "tool_call_id"):
+                body["messages"].append(
+                    {"role": "assistant" if field == "tool_calls" else "tool", field: value}
+                )
+            else:
+                body[field] = value
+            resp = server.http.post(CHAT, content=json.dumps(body))
+            assert resp.status_code in (200, 400), (field, value, resp.text)
+    server.wait_idle()

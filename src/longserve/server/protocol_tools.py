@@ -75,7 +75,7 @@ class FunctionDef(BaseModel):
     model_config = _CONFIG
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = None
-    parameters: dict[str, Any] | None = Field(default=None, json_schema_extra={"type": "object"})
+    parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
     @field_validator("parameters")
