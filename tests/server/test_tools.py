@@ -282,13 +282,14 @@ def test_streamed_call_has_openais_shape(server):
     calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
     assert deltas[0] == {"role": "assistant", "content": ""}
     assert all("content" not in d for d in deltas[1:])  # the call's text is not also sent as content
-    (head,), (args,) = calls
+    (head,), *pieces = calls
     assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"
     assert head["function"] == {"name": "get_weather", "arguments": ""}
-    assert (
-        set(args) == {"index", "function"} and args["index"] == 0 and set(args["function"]) == {"arguments"}
-    )
-    assert _valid_weather(json.loads(args["function"]["arguments"]))
+    assert len(pieces) > 1  # the arguments stream as they are generated (a byte per token here)
+    assert all(set(a) == {"index", "function"} and a["index"] == 0 for (a,) in pieces)
+    assert all(set(a["function"]) == {"arguments"} for (a,) in pieces)
+    arguments = "".join(a["function"]["arguments"] for (a,) in pieces)
+    assert _valid_weather(json.loads(arguments))
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -383,14 +384,32 @@ def test_parse_tool_output(text, content, calls):
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in got] == calls
     assert all(c.id.startswith("call_") for c in got) and len({c.id for c in got}) == len(got)
-    parser, events = ToolParser(request), []  # streamed one character at a time: the same result
-    for ch in text:
-        events += parser.feed(ch)
-    events += parser.finish()
-    streamed = [(v.name, json.loads(v.arguments)) for k, v in events if k == "call"]
-    assert streamed == calls
+    events = _streamed(text, request)  # one character at a time: the same calls, arguments as written
+    assert [(v.name, v.arguments) for k, v in events if k in ("call", "done")] == [
+        (c.name, c.arguments) for c in got
+    ]
     if not calls:  # no call: every character comes back as content
         assert "".join(v for k, v in events if k == "content") == text
+
+
+def _streamed(text: str, request) -> list:
+    parser, events = ToolParser(request, incremental=True), []
+    for ch in text:
+        events += parser.feed(ch)
+    return events + parser.finish()
+
+
+def test_a_streamed_call_is_announced_before_its_arguments_end():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}\n</tool_call>'
+    events = _streamed(text, _request(**AUTO))
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "head" and kinds[-1] == "done" and set(kinds[1:-1]) == {"args"}
+    assert "".join(v for k, v in events if k == "args") == '{"city": "Rome", "days": 2}'
+    # once announced, a call stays one (vLLM does the same): a block broken after its arguments is still
+    # the call in a stream, while the whole answer parsed at once is plain content
+    broken = text.replace("}}\n", "}, oops}\n")
+    assert [k for k, _ in _streamed(broken, _request(**AUTO))][-1] == "done"
+    assert parse_tool_output(broken, _request(**AUTO)) == (broken, [])
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
@@ -437,6 +456,18 @@ def test_qwen_calls_get_weather_through_the_openai_client():
             (call,) = r.choices[0].message.tool_calls
             assert call.function.name == "get_weather"
             assert "paris" in json.loads(call.function.arguments)["city"].lower()
+        stream = client.chat.completions.create(
+            model="qwen2.5-coder-0.5b-instruct", messages=messages, tools=[tool], tool_choice="auto",
+            temperature=0, max_tokens=80, stream=True,
+        )  # fmt: skip
+        pieces, finish = [], None
+        for chunk in stream:
+            pieces += [
+                (c.function.name, c.function.arguments) for c in chunk.choices[0].delta.tool_calls or []
+            ]
+            finish = chunk.choices[0].finish_reason or finish
+        assert pieces[0] == ("get_weather", "") and finish == "tool_calls"
+        assert "".join(a for _, a in pieces) == call.function.arguments  # the same call as unstreamed
         turn = [
             *messages,
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},

@@ -108,28 +108,40 @@ class ChatFormat(ResponseFormat):
 
 class ToolChatFormat(ChatFormat):
     """Chat with tools: `<tool_call>` blocks (or a bare JSON call) become `tool_calls`, finish_reason
-    "tool_calls". Streamed, each call is two chunks once its block is complete: index, id, type and name
-    (arguments ""), then the arguments; text around calls streams as content."""
+    "tool_calls". Streamed (OpenAI's shape), a call starts with a chunk carrying its index, id, type and
+    name (arguments ""), as soon as the name is written; its arguments follow as they are generated
+    (`tools.ToolParser`, incremental); text around calls streams as content."""
 
     def __init__(self, base: ChatFormat, request: ChatCompletionRequest):
         self.id, self.model, self.created = base.id, base.model, base.created
-        self.request, self.parser, self.n_calls = request, ToolParser(request), 0
+        self.request, self.parser, self.n_calls = request, ToolParser(request, incremental=True), 0
+
+    def _tool_chunk(self, call_id: str | None, name: str | None, arguments: str) -> BaseModel:
+        delta = ToolCallDelta(
+            index=self.n_calls,
+            id=call_id,
+            type="function" if call_id else None,
+            function=FunctionCallDelta(name=name, arguments=arguments),
+        )
+        return self.chunk(Delta(tool_calls=[delta]))
 
     def _chunks(self, events: list) -> list[BaseModel]:
         out: list[BaseModel] = []
         for kind, value in events:
             if kind == "content":
                 out.append(self.piece(value, None))
-                continue
-            head = ToolCallDelta(
-                index=self.n_calls,
-                id=value.id,
-                type="function",
-                function=FunctionCallDelta(name=value.name, arguments=""),
-            )
-            args = ToolCallDelta(index=self.n_calls, function=FunctionCallDelta(arguments=value.arguments))
-            out += [self.chunk(Delta(tool_calls=[head])), self.chunk(Delta(tool_calls=[args]))]
-            self.n_calls += 1
+            elif kind == "head":
+                out.append(self._tool_chunk(value.id, value.name, ""))
+            elif kind == "args":
+                out.append(self._tool_chunk(None, None, value))
+            elif kind == "done":
+                self.n_calls += 1
+            else:  # a whole call at once (a bare JSON call, stringified arguments)
+                out += [
+                    self._tool_chunk(value.id, value.name, ""),
+                    self._tool_chunk(None, None, value.arguments),
+                ]
+                self.n_calls += 1
         return out
 
     def pieces(self, text: str) -> list[BaseModel]:

@@ -14,6 +14,7 @@ object naming a tool, and anything it cannot parse stays plain content.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,9 +105,52 @@ class ToolCall:
         }
 
 
+#: The start of a call whose arguments are an object, as models write it: enough to announce the call
+#: while its arguments still stream.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+class _ObjectEnd:
+    """Where a JSON value that starts with `{` ends, fed piece by piece (quotes and escapes aware)."""
+
+    def __init__(self):
+        self.depth, self.in_str, self.escaped, self.done = 0, False, False, False
+
+    def scan(self, text: str) -> int | None:
+        """The index just past the closing brace within `text`, or None while the object is open."""
+        for i, ch in enumerate(text):
+            if self.in_str:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.done = True
+                    return i + 1
+        return None
+
+
+def _raw_arguments(text: str) -> str | None:
+    """The arguments object of a call exactly as written (what a stream sends), if it has that shape."""
+    head = _HEAD.match(text)
+    if head is None:
+        return None
+    end = _ObjectEnd().scan(text[head.end() :])
+    return text[head.end() : head.end() + end] if end else None
+
+
 def parse_call(text: str, names: list[str]) -> ToolCall | None:
     """One call from its JSON (`{"name", "arguments"}`; `parameters` and stringified arguments accepted),
-    or None when it is not a call to one of `names`."""
+    or None when it is not a call to one of `names`. The arguments are kept as the model wrote them when
+    they are an object (so a streamed call and a whole one agree), else re-serialized."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -121,17 +165,26 @@ def parse_call(text: str, names: list[str]) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(value["name"], json.dumps(args, ensure_ascii=False))
+    raw = _raw_arguments(text)
+    if raw is None or json.loads(raw) != args:
+        raw = json.dumps(args, ensure_ascii=False)
+    return ToolCall(value["name"], raw)
 
 
 class ToolParser:
     """Splits generated text into content and tool calls as it streams (`feed`, then `finish`); each
     returns events: `("content", text)` or `("call", ToolCall)`. Text that may still become a call (a
     partial `<tool_call>`, an open block, output that starts like a bare JSON object) is held back; a
-    block that does not parse is given back as content, never dropped."""
+    block that does not parse is given back as content, never dropped.
 
-    def __init__(self, request: ToolFields):
-        self.names, self.parallel = request.tool_names, request.parallel
+    `incremental` (streams): a block that starts `{"name": <a tool>, "arguments": {` is announced at once
+    (`("head", call)`), its arguments follow as written (`("args", text)`) and `("done", call)` ends it;
+    once announced a call cannot become content again (as in vLLM), so a whole answer is parsed without."""
+
+    def __init__(self, request: ToolFields, incremental: bool = False):
+        self.names, self.parallel, self.incremental = request.tool_names, request.parallel, incremental
+        self.head: ToolCall | None = None  # the call being streamed
+        self.args_from, self.args_end = 0, _ObjectEnd()  # buffer index of unsent arguments; their end
         self.buffer, self.in_call, self.calls, self.started = "", False, 0, False
         self.bare = False  # holding output that began with "{": decided at the end
         self.lead = ""  # whitespace before an open block: dropped if it is a call, content if not
@@ -150,12 +203,18 @@ class ToolParser:
             if self.bare:
                 break
             if self.in_call:
+                if self.incremental and (self.parallel or self.calls == 0):
+                    events += self._stream_arguments()
                 end = self.buffer.find(CLOSE)
                 if end < 0:
                     break
                 raw, self.buffer = self.buffer[: end + len(CLOSE)], self.buffer[end + len(CLOSE) :]
                 self.in_call = False
-                events += self._call(parse_call(raw[len(OPEN) : end], self.names), raw)
+                events += (
+                    self._done()
+                    if self.head
+                    else self._call(parse_call(raw[len(OPEN) : end], self.names), raw)
+                )
                 continue
             start = self.buffer.find(OPEN)
             if start >= 0:
@@ -177,11 +236,35 @@ class ToolParser:
             break
         return events
 
+    def _stream_arguments(self) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = []
+        if self.head is None:
+            head = _HEAD.match(self.buffer, len(OPEN))
+            if head is None or head.group(1) not in self.names:
+                return out
+            self.head, self.args_from, self.args_end = ToolCall(head.group(1), ""), head.end(), _ObjectEnd()
+            out.append(("head", self.head))
+        if not self.args_end.done:
+            end = self.args_end.scan(self.buffer[self.args_from :])
+            stop = len(self.buffer) if end is None else self.args_from + end
+            piece, self.args_from = self.buffer[self.args_from : stop], stop
+            if piece:
+                self.head.arguments += piece
+                out.append(("args", piece))
+        return out
+
+    def _done(self) -> list[tuple[str, Any]]:
+        call, self.head, self.lead = self.head, None, ""
+        self.calls += 1
+        return [("done", call)]
+
     def finish(self) -> list[tuple[str, Any]]:
         """What is still held when generation ends: an unclosed block or a bare JSON call, else content."""
         rest, self.buffer = self.buffer, ""
         if self.in_call:
             self.in_call = False
+            if self.head is not None:
+                return self._done()
             return self._call(parse_call(rest[len(OPEN) :], self.names), rest)
         if self.bare:
             self.bare = False
