@@ -34,8 +34,9 @@ def _error(resp, status: int) -> dict:
         ({"messages": MESSAGES, "kv_policy": {"name": "nope"}}, "kv_policy"),
         ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": -1}}, "kv_policy"),
         ({"messages": MESSAGES, "kv_policy": {"name": "snapstream", "budget": 64, "bogus": 1}}, "kv_policy"),
-        # tool calling is not implemented: refused, never silently answered as plain text
-        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        # tool calling (tests/server/test_tools.py): a tool needs a name, a tool_choice needs tools; the
+        # legacy functions API is refused, never silently answered as plain text
+        ({"messages": MESSAGES, "tools": [{"type": "function", "function": {}}]}, "tools"),
         ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
         ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
         ({"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),

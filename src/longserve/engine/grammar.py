@@ -10,6 +10,7 @@ id, e.g. a byte-level test tokenizer) and `eos_token_id`.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from typing import Any
@@ -98,24 +99,55 @@ class GrammarMatcher:
 
 
 class JSONGrammar:
-    """Output constrained to JSON matching `schema` (`{"type": "object"}`: any JSON object)."""
+    """Output constrained to JSON matching `schema` (`{"type": "object"}`: any JSON object); with `wrap`
+    (opening, closing text) that JSON between the two, e.g. a tool call's `<tool_call>\\n` ... `\\n</tool_call>`."""
 
-    def __init__(self, schema: dict, tokenizer: Any, vocab_size: int, eos_ids: list[int]):
+    def __init__(
+        self,
+        schema: dict,
+        tokenizer: Any,
+        vocab_size: int,
+        eos_ids: list[int],
+        wrap: tuple[str, str] | None = None,
+    ):
         self._llg = _llguidance()
         self._tokenizer = ll_tokenizer(tokenizer, vocab_size, eos_ids)
         try:
-            self.grammar = self._llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_COMPACT)
+            if wrap is None:
+                self.grammar = self._llg.LLMatcher.grammar_from_json_schema(
+                    json.dumps(schema), defaults=_COMPACT
+                )
+            else:
+                self.grammar = self._llg.LLMatcher.grammar_from_lark(self._wrapped(schema, tokenizer, *wrap))
         except ValueError as exc:
             raise InvalidParameterError(f"invalid JSON schema: {exc}") from None
         error = self._llg.LLMatcher.validate_grammar(self.grammar, self._tokenizer)
         if error:
             raise InvalidParameterError(f"unsupported JSON schema: {error.splitlines()[0]}")
 
+    def _wrapped(self, schema: dict, tokenizer: Any, opening: str, closing: str) -> str:
+        """A Lark grammar: `opening`, the JSON, `closing`. Text that is one added token of the tokenizer
+        (Qwen's `<tool_call>`) must be written as that token (`<[id]>`): llguidance does not match added
+        tokens by their text."""
+        schema = {**schema, "x-guidance": _COMPACT}
+        return f"start: {self._literal(opening, tokenizer)} value {self._literal(closing, tokenizer)}\nvalue: %json {json.dumps(schema)}\n"
+
+    def _literal(self, text: str, tokenizer: Any) -> str:
+        parts = []
+        for piece in re.split(r"(\s+)", text):
+            if not piece:
+                continue
+            ids = tokenizer.encode(piece, add_special_tokens=False) if not piece.isspace() else []
+            special = len(ids) == 1 and self._tokenizer.is_special_token(ids[0])
+            parts.append(f"<[{ids[0]}]>" if special else json.dumps(piece))
+        return " ".join(parts)
+
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self._llg, self._tokenizer, self.grammar)
 
 
-def json_grammar(schema: dict | None, loaded) -> JSONGrammar:
-    """A grammar for `loaded`'s tokenizer: JSON matching `schema`, or any JSON object when None."""
+def json_grammar(schema: dict | None, loaded, wrap: tuple[str, str] | None = None) -> JSONGrammar:
+    """A grammar for `loaded`'s tokenizer: JSON matching `schema`, or any JSON object when None; `wrap`:
+    see `JSONGrammar` (tool calls)."""
     schema = {"type": "object"} if schema is None else schema
-    return JSONGrammar(schema, loaded.tokenizer, loaded.args.vocab_size, sorted(loaded.eos_ids))
+    return JSONGrammar(schema, loaded.tokenizer, loaded.args.vocab_size, sorted(loaded.eos_ids), wrap)

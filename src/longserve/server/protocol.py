@@ -2,9 +2,11 @@
 
 Unknown OpenAI fields (`user`, `logit_bias`, ...) are accepted and ignored, as most OpenAI-compatible
 servers do; fields that would change the answer and that we cannot honour (`n > 1`, `logprobs`, `echo`,
-`suffix`, several prompts, `tools`/`tool_choice`/`functions`) are rejected with 400 rather than silently
-ignored. Honoured: `presence_penalty`/`frequency_penalty` (OpenAI's semantics, in the sampler) and
-`response_format` (`json_object`, `json_schema`: grammar-constrained decoding, `engine.grammar`). Extra
+`suffix`, several prompts, the legacy `functions`/`function_call`, `tools` on /v1/completions) are
+rejected with 400 rather than silently ignored. Honoured: `presence_penalty`/`frequency_penalty` (OpenAI's
+semantics, in the sampler), `response_format` (`json_object`, `json_schema`: grammar-constrained
+decoding, `engine.grammar`) and, on chat, `tools`/`tool_choice`/`parallel_tool_calls` (`protocol_tools`,
+`server.tools`). Extra
 body fields: `top_k`, `ignore_eos`, `kv_policy` (`{"name": "snapstream", "budget": 1024, "window": 64,
 ...}`), `spec_prefill` (`false`, `true` or `{"keep": 0.25, "draft": NAME}`: see
 `longserve.specprefill.serving`) and `speculative` (`false` sends a request to the batched engine on a
@@ -13,7 +15,7 @@ server started with `--draft`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -26,6 +28,9 @@ from pydantic import (
 
 from longserve.engine.sampler import PENALTY_LIMIT, SEED_LIMIT, Grammar, SamplingParams
 from longserve.server.errors import APIError
+from longserve.server.protocol_tools import ChatMessage, ResponseFormatSpec, ToolFields
+
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "GenerationRequest"]
 
 #: Request bodies are validated strictly (no `0` for `false`, no `"1"` for a number), so what the server
 #: accepts is exactly what /openapi.json describes; unknown fields are still allowed (and ignored).
@@ -112,51 +117,6 @@ class CachePrefixSpec(BaseModel):
         return {**(self.model_extra or {}), **self.model_dump(exclude_none=True)}
 
 
-class JSONSchemaFormat(BaseModel):
-    """`response_format.json_schema`: OpenAI's `{"name": ..., "schema": {...}, "strict": ...}`."""
-
-    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
-    name: str | None = None
-    description: str | None = None
-    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class _Format(BaseModel):
-    """`response_format`: `text` (no constraint), `json_object` (any JSON object) or `json_schema`."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    constrained: ClassVar[bool] = True
-
-    @property
-    def target_schema(self) -> dict[str, Any] | None:
-        """The JSON schema to follow (None: any JSON object)."""
-        return None
-
-
-class TextFormat(_Format):
-    type: Literal["text"]
-    constrained: ClassVar[bool] = False
-
-
-class JSONObjectFormat(_Format):
-    type: Literal["json_object"]
-
-
-class JSONSchemaResponseFormat(_Format):
-    type: Literal["json_schema"]
-    json_schema: JSONSchemaFormat
-
-    @property
-    def target_schema(self) -> dict[str, Any] | None:
-        return self.json_schema.json_schema
-
-
-ResponseFormatSpec = Annotated[
-    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
-]
-
-
 class StreamOptions(BaseModel):
     model_config = REQUEST_CONFIG
     include_usage: bool = False
@@ -191,9 +151,7 @@ class GenerationRequest(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT, allow_inf_nan=False)
     response_format: ResponseFormatSpec | None = None
-    # tool calling needs parsing the model's calls out of its text per chat template: not done, so refused
-    tools: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0})
-    tool_choice: Any = Field(default=None, **_only("none", None))
+    # the legacy (pre-tools) function calling: refused, pointing at `tools`
     functions: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0})
     function_call: Any = Field(default=None, **_only("none", None))
     stop: NonEmpty | list[NonEmpty] | None = None
@@ -222,18 +180,13 @@ class GenerationRequest(BaseModel):
     def _json_ints(cls, value: Any) -> Any:
         return integral_floats(value)
 
-    @field_validator("tools", "functions")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_tools(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
-            raise ValueError(f"'{info.field_name}' is not supported by this server (no tool calling)")
-        return value
-
-    @field_validator("tool_choice", "function_call")
-    @classmethod
-    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, "none"):
-            raise ValueError(f"'{info.field_name}' is not supported by this server (no tool calling)")
+    def _no_legacy_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none", []):
+            raise ValueError(
+                f"the legacy '{info.field_name}' is not supported: send 'tools' and 'tool_choice' instead"
+            )
         return value
 
     @field_validator("stop")
@@ -292,28 +245,9 @@ def _reject_if_set(value: Any, field: str) -> Any:
     return value
 
 
-class ContentPart(BaseModel):
-    model_config = REQUEST_CONFIG
-    type: str = Field(**_only("text"))
-    text: str
+class ChatCompletionRequest(GenerationRequest, ToolFields):
+    """A chat request; tool calling (`ToolFields`) constrains the output when a call is required."""
 
-
-class ChatMessage(BaseModel):
-    model_config = REQUEST_CONFIG
-    role: str
-    content: str | list[ContentPart] | None = ""  # absent: "" (chat templates index it)
-
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, content: str | list[ContentPart] | None) -> str:
-        if isinstance(content, list):
-            if any(p.type != "text" for p in content):
-                raise ValueError("only text content parts are supported")
-            return "".join(p.text for p in content)
-        return content or ""
-
-
-class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = Field(default=None, **_only(False, None))
@@ -327,6 +261,20 @@ class ChatCompletionRequest(GenerationRequest):
     @classmethod
     def _json_int_chat(cls, value: Any) -> Any:
         return integral_floats(value)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> ChatCompletionRequest:
+        if self.forced_tools and super().constrained:
+            raise APIError(
+                "a required tool call is already JSON: send response_format with tool_choice 'auto' or 'none'",
+                param="tool_choice",
+            )
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        """A required (or named) tool call is grammar-constrained, as `response_format` is."""
+        return super().constrained or bool(self.forced_tools)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -353,6 +301,9 @@ class CompletionRequest(GenerationRequest):
     logprobs: int | None = Field(default=None, **_only(0, None))
     suffix: str | None = Field(default=None, **_only("", None))
     best_of: int | None = Field(default=None, **_only(1, None))
+    # tool calling is a chat feature (a template renders the tools): refused here, not ignored
+    tools: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    tool_choice: Any = Field(default=None, **_only("none", None))
 
     @field_validator("prompt", "logprobs", "best_of", mode="before")
     @classmethod
@@ -363,6 +314,13 @@ class CompletionRequest(GenerationRequest):
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _reject_if_set(value, info.field_name)
+
+    @field_validator("tools", "tool_choice")
+    @classmethod
+    def _chat_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, "none", []):
+            raise ValueError(f"'{info.field_name}' applies to /v1/chat/completions only")
+        return value
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:

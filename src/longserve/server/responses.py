@@ -46,9 +46,31 @@ class Usage(BaseModel):
         return data
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object as text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
+    """`content` is None when the answer is only tool calls (OpenAI's shape); `tool_calls` is omitted
+    when there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
@@ -58,13 +80,40 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first has `id`, `type` and the name; the next, arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer
+    def _present_only(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index}
+        out.update({k: v for k, v in (("id", self.id), ("type", self.type)) if v is not None})
+        out["function"] = self.function.model_dump(exclude_none=True)
+        return out
+
+
 class Delta(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer
-    def _present_only(self) -> dict[str, str]:  # OpenAI omits absent delta keys
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+    def _present_only(self) -> dict[str, Any]:  # OpenAI omits absent delta keys
+        out: dict[str, Any] = {
+            k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None
+        }
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class ChatChunkChoice(BaseModel):

@@ -19,7 +19,7 @@ from longserve.engine.sequence import Sequence
 from longserve.errors import LongserveError
 from longserve.server.async_engine import RequestStream
 from longserve.server.errors import error_body
-from longserve.server.protocol import GenerationRequest
+from longserve.server.protocol import ChatCompletionRequest, GenerationRequest
 from longserve.server.responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -28,10 +28,15 @@ from longserve.server.responses import (
     Completion,
     CompletionChoice,
     Delta,
+    FunctionCall,
+    FunctionCallDelta,
     ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 from longserve.server.serving_engine import PreparedPrompt, ServerState
+from longserve.server.tools import ToolParser, parse_tool_output
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -50,8 +55,20 @@ class ResponseFormat:
     def start(self) -> BaseModel | None:
         return None
 
+    def for_request(self, request: GenerationRequest) -> ResponseFormat:
+        """The format for this request (chat with tools parses the output for calls)."""
+        return self
+
     def piece(self, text: str, finish_reason: str | None) -> BaseModel:
         raise NotImplementedError
+
+    def pieces(self, text: str) -> list[BaseModel]:
+        """The chunks for newly generated text (a tool call is held back until it is complete)."""
+        return [self.piece(text, None)]
+
+    def finish(self, finish_reason: str | None) -> list[BaseModel]:
+        """The last chunks of a stream: whatever was held back, then the finish reason."""
+        return [self.piece("", finish_reason)]
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         raise NotImplementedError
@@ -68,8 +85,15 @@ class ChatFormat(ResponseFormat):
             **self._head(), choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))]
         )
 
+    def for_request(self, request: GenerationRequest) -> ResponseFormat:
+        if isinstance(request, ChatCompletionRequest) and request.tool_mode != "none":
+            return ToolChatFormat(self, request)
+        return self
+
     def piece(self, text: str, finish_reason: str | None) -> BaseModel:
-        delta = Delta(content=text or None)
+        return self.chunk(Delta(content=text or None), finish_reason)
+
+    def chunk(self, delta: Delta, finish_reason: str | None = None) -> BaseModel:
         return ChatCompletionChunk(
             **self._head(), choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)]
         )
@@ -79,6 +103,61 @@ class ChatFormat(ResponseFormat):
 
     def final(self, seq: Sequence, usage: Usage, stats: dict) -> BaseModel:
         choice = ChatChoice(message=ResponseMessage(content=seq.text), finish_reason=seq.finish_reason)
+        return ChatCompletion(**self._head(), choices=[choice], usage=usage, longserve=stats)
+
+
+class ToolChatFormat(ChatFormat):
+    """Chat with tools: `<tool_call>` blocks (or a bare JSON call) become `tool_calls`, finish_reason
+    "tool_calls". Streamed (OpenAI's shape), a call starts with a chunk carrying its index, id, type and
+    name (arguments ""), as soon as the name is written; its arguments follow as they are generated
+    (`tools.ToolParser`, incremental); text around calls streams as content."""
+
+    def __init__(self, base: ChatFormat, request: ChatCompletionRequest):
+        self.id, self.model, self.created = base.id, base.model, base.created
+        self.request, self.parser, self.n_calls = request, ToolParser(request, incremental=True), 0
+
+    def _tool_chunk(self, call_id: str | None, name: str | None, arguments: str) -> BaseModel:
+        delta = ToolCallDelta(
+            index=self.n_calls,
+            id=call_id,
+            type="function" if call_id else None,
+            function=FunctionCallDelta(name=name, arguments=arguments),
+        )
+        return self.chunk(Delta(tool_calls=[delta]))
+
+    def _chunks(self, events: list) -> list[BaseModel]:
+        out: list[BaseModel] = []
+        for kind, value in events:
+            if kind == "content":
+                out.append(self.piece(value, None))
+            elif kind == "head":
+                out.append(self._tool_chunk(value.id, value.name, ""))
+            elif kind == "args":
+                out.append(self._tool_chunk(None, None, value))
+            elif kind == "done":
+                self.n_calls += 1
+            else:  # a whole call at once (a bare JSON call, stringified arguments)
+                out += [
+                    self._tool_chunk(value.id, value.name, ""),
+                    self._tool_chunk(None, None, value.arguments),
+                ]
+                self.n_calls += 1
+        return out
+
+    def pieces(self, text: str) -> list[BaseModel]:
+        return self._chunks(self.parser.feed(text))
+
+    def finish(self, finish_reason: str | None) -> list[BaseModel]:
+        chunks = self._chunks(self.parser.finish())
+        return [*chunks, self.piece("", "tool_calls" if self.n_calls else finish_reason)]
+
+    def final(self, seq: Sequence, usage: Usage, stats: dict) -> BaseModel:
+        content, calls = parse_tool_output(seq.text, self.request)
+        tool_calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+        ]
+        message = ResponseMessage(content=content, tool_calls=tool_calls or None)
+        choice = ChatChoice(message=message, finish_reason="tool_calls" if calls else seq.finish_reason)
         return ChatCompletion(**self._head(), choices=[choice], usage=usage, longserve=stats)
 
 
@@ -126,9 +205,11 @@ async def stream_events(
             yield sse(start)
         async for out in stream:
             if out.new_text:
-                yield sse(fmt.piece(out.new_text, None))
+                for chunk in fmt.pieces(out.new_text):
+                    yield sse(chunk)
             if out.finished:
-                yield sse(fmt.piece("", out.seq.finish_reason))
+                for chunk in fmt.finish(out.seq.finish_reason):
+                    yield sse(chunk)
                 if include_usage:
                     yield sse(fmt.usage_chunk(usage_of(out.seq, prompt)))
     except LongserveError as exc:  # headers are gone: report in-band, as OpenAI does
@@ -166,6 +247,7 @@ async def respond(
     arrival: float,
 ) -> Response:
     """Submit the request and answer it: SSE when it streams, one JSON body (or 499) otherwise."""
+    fmt = fmt.for_request(body)
     stream = state.submit(body, prompt, fmt.id, arrival)
     if body.stream:
         events = stream_events(stream, fmt, body.include_usage, prompt)

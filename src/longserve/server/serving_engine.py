@@ -25,6 +25,7 @@ from longserve.server.protocol import (
     KVPolicySpec,
 )
 from longserve.server.speculative import SpeculativeEngine
+from longserve.server.tools import WRAP, call_schema, fallback_messages, template_knows_tools
 from longserve.specprefill.compress import CompressedPrompt
 from longserve.specprefill.serving import ServerPrefill, parse_option
 
@@ -85,14 +86,37 @@ class ServerState:
             raise APIError(str(exc), param="kv_policy") from None
 
     @staticmethod
-    def messages(request: ChatCompletionRequest) -> list[dict]:
-        return [{"role": m.role, "content": m.content} for m in request.messages]
+    def uses_tools(request: GenerationRequest) -> bool:
+        """Whether the prompt renders tools or a tool loop (then the template gets more than role/content)."""
+        return isinstance(request, ChatCompletionRequest) and (
+            request.tool_mode != "none" or any(m.tool_calls or m.role == "tool" for m in request.messages)
+        )
+
+    def native_tools(self) -> bool:
+        return bool(getattr(self.llm.tokenizer, "chat_template", None)) and template_knows_tools(
+            self.llm.tokenizer
+        )
+
+    def messages(self, request: ChatCompletionRequest) -> list[dict]:
+        """The messages the template renders: with a tool loop and a template that cannot render one,
+        rewritten by `tools.fallback_messages` (tools listed in the system message)."""
+        messages = [m.render() for m in request.messages]
+        if self.uses_tools(request) and not self.native_tools():
+            tools = request.tools if request.tool_mode != "none" else None
+            return fallback_messages(messages, tools)
+        return messages
 
     def chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
         messages = self.messages(request)
         tokenizer = self.llm.tokenizer
         if getattr(tokenizer, "chat_template", None):
+            tools = [t.render() for t in request.tools or []] if request.tool_mode != "none" else None
             try:
+                if tools and self.native_tools():
+                    out = tokenizer.apply_chat_template(
+                        messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+                    )
+                    return list(out["input_ids"])
                 return self.llm.encode(messages)
             except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:
                 raise APIError(
@@ -131,10 +155,13 @@ class ServerState:
         Blocking (the first call builds the tokenizer's trie, ~0.5 s): called off the event loop."""
         if not request.constrained:
             return None
+        forced = getattr(request, "forced_tools", None)
         try:
+            if forced:  # tool_choice "required" or a named function: one call, as the template writes it
+                return json_grammar(call_schema(forced), self.llm.loaded, wrap=WRAP)
             return json_grammar(request.response_format.target_schema, self.llm.loaded)
         except InvalidParameterError as exc:
-            raise APIError(str(exc), param="response_format") from None
+            raise APIError(str(exc), param="tools" if forced else "response_format") from None
 
     def max_new_tokens(self, request: GenerationRequest, n: int) -> int:
         """max_tokens for a prompt of `n` tokens (its original length when pruned: positions go on from
@@ -168,6 +195,8 @@ class ServerState:
         grammar = await asyncio.to_thread(self.grammar, request) if request.constrained else None
         if not enabled:
             return PreparedPrompt(ids, grammar=grammar)
+        if self.uses_tools(request):  # the draft must see the tools too: it gets the rendered ids
+            prompt = ids
         self.max_new_tokens(request, len(ids))  # a prompt that cannot fit is refused before the draft runs
         cp = await self.prefill.compress(self.llm, prompt, request.spec_prefill)
         if cp is None:

@@ -189,11 +189,20 @@ def write_manifest(d: Path, name: str, source: dict) -> None:
     _write_stamps(d, {f: {"stamp": _stamp(d / f), "sha256": m["sha256"]} for f, m in files.items()})
 
 
+def _restore_aside(old: Path, dest: Path) -> None:
+    """Put back the entry a killed re-pull moved aside (`build` swaps by two renames; a SIGKILL between
+    them leaves the previous, complete entry only under the temp dir, which the sweep would delete)."""
+    if old.is_dir() and not dest.exists():
+        os.replace(old, dest)
+
+
 def build(name: str, source: dict, make: Callable[[Path], None], *, force: bool) -> Path:
     """Produce ``model_dir(name)`` atomically: ``make(out)`` fills a temp dir that is renamed into place.
 
     A per-name lock serializes concurrent pulls; leftovers of killed earlier pulls of the same name are
-    swept while holding it. Any failure (including KeyboardInterrupt) leaves the previous state intact.
+    swept while holding it (a finished entry a killed re-pull had moved aside is put back first). Any
+    failure (including KeyboardInterrupt) leaves the previous state intact; a SIGKILL leaves either the
+    previous entry or the new one, never a partial one (the manifest is written before the rename).
     """
     dest = model_dir(name)
     tmp_root, locks = home() / "tmp", home() / "locks"
@@ -204,7 +213,10 @@ def build(name: str, source: dict, make: Callable[[Path], None], *, force: bool)
         if not force and dest.exists() and is_cached(name):  # another process finished it meanwhile
             return dest
         for stale in tmp_root.glob(f"{name}~*"):
+            _restore_aside(stale / "old", dest)
             shutil.rmtree(stale, ignore_errors=True)
+        if not force and dest.exists() and is_cached(name):  # the entry a killed re-pull moved aside
+            return dest
         work = Path(tempfile.mkdtemp(prefix=f"{name}~", dir=tmp_root))
         try:
             out = work / "out"
@@ -221,5 +233,6 @@ def build(name: str, source: dict, make: Callable[[Path], None], *, force: bool)
                 ) from e
             raise
         finally:
+            _restore_aside(work / "old", dest)  # the swap failed halfway: keep the previous entry
             shutil.rmtree(work, ignore_errors=True)
     return dest
