@@ -80,3 +80,28 @@ def test_a_request_larger_than_the_slots_names_the_slot_size(llm):
     with pytest.raises(Exception, match="each KV slot holds 40") as info:
         engine.add_request(prompt(7, 60), SamplingParams(max_new_tokens=2), FullPolicy())
     assert "--kv-budget" in str(info.value) and '"budget": 40' in str(info.value)
+
+
+def test_a_failing_prefill_in_a_packed_step_fails_alone(llm, monkeypatch):
+    """Two prompts share one prefill step; the second one's chunk raises: the step names only it, and
+    the first prompt's token (already sampled) comes with the next step."""
+    engine = llm.engine(2, 64)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    good = engine.add_request(prompt(1, 10), params, make_policy("full"))
+    bad = engine.add_request(prompt(2, 10), params, make_policy("full"))
+    run = engine.runner.prefill
+
+    def failing(seq, n_tokens):
+        if seq is bad:
+            raise RuntimeError("injected")
+        return run(seq, n_tokens)
+
+    monkeypatch.setattr(engine.runner, "prefill", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    assert engine.last_step.seqs == [bad]
+    engine.abort(bad.request_id)
+    assert [out.seq for out in engine.step()] == [good] and len(good.output_ids) == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert len(good.output_ids) == 4

@@ -147,3 +147,20 @@ def test_bad_cache_sizes_are_refused(loaded):
         fresh(loaded, cache="lots")
     with pytest.raises(InvalidParameterError, match="bytes"):
         fresh(loaded, cache="4096tok")
+
+
+def test_prompts_on_one_new_document_all_start_in_one_step(loaded):
+    """One miss, then hits inside the same prefill step: the shared phase of a chat or agent workload
+    waits for one prefill, not for one prefill per decode step."""
+    shared = prompt(8, 200)
+    batch = [shared + prompt(9 + i, 10) for i in range(4)]
+    llm = LLM(loaded=loaded, prefill_chunk=512, prefix_cache="64MB")
+    engine = llm.engine(4, 256)
+    seqs = [engine.add_request(ids, SamplingParams(**PARAMS), make_policy("full")) for ids in batch]
+    first = engine.step()
+    assert [out.seq for out in first] == seqs and all(len(s.output_ids) == 1 for s in seqs)
+    assert [s.cached_tokens for s in seqs] == [0, 192, 192, 192]
+    while engine.has_unfinished():
+        engine.step()
+    plain = LLM(loaded=loaded, prefill_chunk=64).generate(batch, **PARAMS)
+    assert [s.output_ids for s in seqs] == [o.token_ids for o in plain]

@@ -25,6 +25,11 @@ class SlotCounter:
         return self.free_slots.pop(0)
 
 
+def chunk_of(sched: Scheduler, step) -> int:
+    """The chunk the engine runs for a prefill step's first sequence (its budget bounds it)."""
+    return sched.chunk(step.seqs[0], step.n_tokens)
+
+
 def seq(prompt_len: int, policy: str = "full", **kwargs) -> Sequence:
     return Sequence(list(range(prompt_len)), SamplingParams(max_new_tokens=4), make_policy(policy, **kwargs))
 
@@ -47,7 +52,7 @@ def test_prefill_and_decode_alternate_so_a_long_prompt_does_not_stall_the_batch(
     running = seq(4)
     sched.add(running)
     step = sched.schedule()
-    assert (step.kind, step.seqs, step.n_tokens) == ("prefill", [running], 4)
+    assert (step.kind, step.seqs, chunk_of(sched, step)) == ("prefill", [running], 4)
     running.prefilled = 4
     long = seq(40)
     sched.add(long)
@@ -57,7 +62,7 @@ def test_prefill_and_decode_alternate_so_a_long_prompt_does_not_stall_the_batch(
         kinds.append(step.kind)
         if step.kind == "prefill":
             assert step.seqs == [long]
-            long.prefilled += step.n_tokens
+            long.prefilled += chunk_of(sched, step)
         else:
             assert step.seqs == [running, long][: len(step.seqs)]
     assert kinds == ["decode", "prefill", "decode", "prefill", "decode", "prefill"]
@@ -71,8 +76,8 @@ def test_only_prefills_when_nothing_decodes():
     while s.prefilled < s.prompt_len:
         step = sched.schedule()
         assert step.kind == "prefill"
-        chunks.append(step.n_tokens)
-        s.prefilled += step.n_tokens
+        chunks.append(chunk_of(sched, step))
+        s.prefilled += chunk_of(sched, step)
     assert chunks == [8, 8, 4]
     assert sched.schedule().kind == "decode"
 
@@ -84,7 +89,7 @@ def test_final_chunk_holds_the_observation_window():
     sched.add(s)
     chunks = []
     while s.prefilled < s.prompt_len:
-        n = sched.schedule().n_tokens
+        n = chunk_of(sched, sched.schedule())
         chunks.append(n)
         s.prefilled += n
     assert sum(chunks) == 100 and chunks[-1] >= 32
@@ -99,7 +104,7 @@ def test_window_longer_than_a_chunk_never_schedules_an_empty_chunk():
     sched.add(s)
     chunks = []
     while s.prefilled < s.prompt_len and len(chunks) < 10:
-        n = sched.schedule().n_tokens
+        n = chunk_of(sched, sched.schedule())
         chunks.append(n)
         s.prefilled += n
     assert chunks == [8, 32]  # the whole window in the final chunk
@@ -133,11 +138,24 @@ def test_step_token_budget_bounds_prefill_while_others_decode():
     for _ in range(4):
         step = sched.schedule()
         if step.kind == "prefill":
-            sizes.append(step.n_tokens)
-            long.prefilled += step.n_tokens
+            sizes.append(chunk_of(sched, step))
+            long.prefilled += chunk_of(sched, step)
     assert sizes == [16, 16]
     for s in decoding:
         sched.finish(s)
-    assert sched.schedule().n_tokens == 64
+    assert chunk_of(sched, sched.schedule()) == 64
     with pytest.raises(InvalidParameterError):
         Scheduler(SlotCounter(1), max_step_tokens=0)
+
+
+def test_a_prefill_step_offers_every_prefilling_sequence_the_shared_budget():
+    sched = Scheduler(SlotCounter(4), prefill_chunk=64, max_step_tokens=19)
+    a, b, c = seq(10), seq(10), seq(10)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()
+    assert (step.kind, step.seqs, step.n_tokens) == ("prefill", [a, b, c], 64)
+    a.prefilled = 10  # a decodes now: the next prefill step shares budget - 1 tokens
+    assert sched.schedule().kind == "decode"
+    step = sched.schedule()
+    assert (step.kind, step.seqs, step.n_tokens) == ("prefill", [b, c], 18)

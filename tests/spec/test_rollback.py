@@ -30,7 +30,7 @@ def prefilled(target, ids, n_new, policy, slack=0):
     seq = engine.add_request(ids, SamplingParams(max_new_tokens=n_new, ignore_eos=True), policy)
     engine.scheduler.admit()
     while seq.prefilled < seq.prompt_len:
-        engine.runner.prefill(seq, engine.scheduler.schedule().n_tokens)
+        engine.runner.prefill(seq, engine.scheduler.chunk(seq))
     return engine, seq
 
 

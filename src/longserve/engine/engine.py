@@ -15,7 +15,7 @@ from longserve.engine.compiled_decode import StepCompiler
 from longserve.engine.model_runner import ModelRunner
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams, sample
-from longserve.engine.scheduler import Scheduler
+from longserve.engine.scheduler import Scheduler, Step
 from longserve.engine.sequence import Sequence
 from longserve.errors import ContextLengthError, InvalidParameterError
 from longserve.kv.cache import KVPool
@@ -64,6 +64,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.prefix_cache = prefix_cache
         self.last_step = None  # what the latest step() ran (the server fails exactly those on errors)
+        self.carried: list[StepOutput] = []  # outputs made before a step failed, returned by the next
 
     # ---- requests ------------------------------------------------------------------------------
     def check(
@@ -199,29 +200,47 @@ class LLMEngine:
             self._finish(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return bool(self.carried) or self.scheduler.has_work()
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         self.last_step = None  # set before running, so a failing step() names exactly what it ran
+        if self.carried:  # first tokens of a prefill step that then failed on a later sequence
+            carried, self.carried = self.carried, []
+            return carried
         step = self.last_step = self.scheduler.schedule()
         if step is None:
             return []
         if step.kind == "prefill":
-            seq, n_tokens = step.seqs[0], step.n_tokens
+            return self._prefill_step(step)
+        seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
+        return self.emit(seqs, self.runner.decode(seqs))
+
+    def _prefill_step(self, step: Step) -> list[StepOutput]:
+        """Prefill chunks of the step's sequences in order until its token budget is spent; a cached
+        prefix is looked up when a sequence's prefill starts, so it finds what the sequences before it
+        in this step just inserted (eight prompts on one new document: one miss, seven hits)."""
+        outputs, budget = [], step.n_tokens
+        for seq in step.seqs:
+            if budget <= 0:
+                break
+            self.last_step = Step("prefill", [seq], budget)  # if this chunk fails, it fails alone
+            self.carried = outputs  # ... and the first tokens of those before it come with the next step
             if seq.prefilled == 0 and seq.cache_ids is not None:
-                n_tokens = min(n_tokens, self._attach_cached_prefix(seq))
+                self._attach_cached_prefix(seq)
+            n_tokens = self.scheduler.chunk(seq, budget)
+            budget -= n_tokens
             compresses = seq.policy.compresses
             if seq.cache_ids is not None and compresses and seq.prefilled + n_tokens == seq.prompt_len:
                 self._cache_staged(seq)  # the uncompressed prefix, before the final chunk compresses it
             logits = self.runner.prefill(seq, n_tokens)
             if logits is None:
-                return []
+                continue
             if seq.cache_ids is not None and not compresses:
                 self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq, copy=False))  # insert copies
-            return self.emit(step.seqs, logits)
-        seqs = sorted(step.seqs, key=lambda s: s.slot)  # contiguous slots let attention read in place
-        return self.emit(seqs, self.runner.decode(seqs))
+            outputs += self.emit([seq], logits)
+        self.carried = []
+        return outputs
 
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Run a queued sequence's whole prompt now, chunk by chunk, and return the last position's

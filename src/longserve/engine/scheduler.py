@@ -18,9 +18,14 @@ from longserve.kv.cache import KVPool
 
 @dataclass
 class Step:
+    """A decode step over `seqs`, or a prefill step: the sequences still prefilling, in order, which
+    share `n_tokens` prompt tokens. The engine runs them one after the other until the budget is spent
+    (vLLM batches prefills within `max_num_batched_tokens` the same way): a prompt whose prefix is cached
+    costs only its suffix, so many such prompts start in one step instead of one per decode step."""
+
     kind: str  # "prefill" or "decode"
     seqs: list[Sequence]
-    n_tokens: int = 0  # prefill chunk length
+    n_tokens: int = 0  # prefill: the step's token budget
 
 
 class Scheduler:
@@ -75,14 +80,15 @@ class Scheduler:
         self.admit()
         prefilling = [s for s in self.running if s.prefilled < s.prompt_len]
         decoding = [s for s in self.running if s.prefilled == s.prompt_len]
-        # alternate prefill chunks and decode steps so a long prompt does not stall the batch
+        # alternate prefill steps and decode steps so a long prompt does not stall the batch
         if prefilling and (not decoding or self._last == "decode"):
             self._last = "prefill"
-            seq = prefilling[0]
-            limit = (
-                max(1, self.max_step_tokens - len(decoding)) if decoding and self.max_step_tokens else None
+            budget = (
+                max(1, self.max_step_tokens - len(decoding))
+                if decoding and self.max_step_tokens
+                else self.prefill_chunk
             )
-            return Step("prefill", [seq], self.chunk(seq, limit))
+            return Step("prefill", prefilling, budget)
         if decoding:
             self._last = "decode"
             return Step("decode", decoding)
