@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
+import json
 import threading
+import time
+import weakref
 
 import httpx
 import pytest
@@ -103,8 +107,11 @@ def test_each_model_answers_with_its_own_weights_and_the_same_after_a_park(one_r
         assert body["model"] == name == r.headers["x-longserve-expert"]
         assert body["choices"][0]["text"] == reference[name]
     assert registry.tier("a") == 0
+    weights = weakref.ref(registry.residents["a"].llm.loaded.model)
     park(server, registry, "a")
     assert registry.tier("a") == 1 and not registry.residents
+    gc.collect()
+    assert weights() is None  # parked means freed: nothing (engine, state, lease) still holds it
     r = complete(server, "a")
     assert (
         r.json()["choices"][0]["text"] == reference["a"]
@@ -163,8 +170,6 @@ def test_concurrent_requests_to_two_models_while_switching(one_resident, referen
                 body = {"model": name, "stream": True, **GREEDY}
                 with http.stream("POST", "/v1/completions", json=body) as s:
                     assert s.status_code == 200
-                    import json
-
                     chunks = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
                     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
                     return name, s.headers["x-longserve-expert"], text
@@ -198,21 +203,28 @@ def test_cancelling_a_request_that_waits_for_a_switch_frees_everything(size, ref
         assert registry.tiers.stats()["loading"] == ["b"]  # the request started b's switch
         health = server.http.get("/health", timeout=5)  # answers while the switch is held
         assert health.status_code == 200 and health.json()["models"]["b"]["tier"] != 0
-        deadline = threading.Event()
-        for _ in range(100):  # the disconnect reaches the server: the waiter withdraws
-            if registry.waiting["b"] == 0:
-                break
-            deadline.wait(0.05)
-        assert registry.waiting["b"] == 0
+        deadline = time.monotonic() + 5
+        while registry.waiting["b"] and time.monotonic() < deadline:  # the disconnect reaches the server
+            time.sleep(0.05)
+        assert registry.waiting["b"] == 0  # the waiter withdrew
         builder.gate.set()
-        for _ in range(200):  # the switch itself still completes (others could be waiting for it)
-            if registry.tier("b") == 0:
-                break
-            deadline.wait(0.05)
+        deadline = time.monotonic() + 10
+        while registry.tier("b") != 0 and time.monotonic() < deadline:  # the switch still completes:
+            time.sleep(0.05)  # other requests could be waiting for it
         resident = registry.residents["b"]
         assert resident.leases == 0 and registry.kv_bytes() == 0
         assert resident.engine.num_waiting == 0 and not resident.engine.engine.has_unfinished()
         assert complete(server, "b").json()["choices"][0]["text"] == reference["b"]
+        # a client that leaves mid-stream releases its lease too: the next park does not wait forever
+        body = {"model": "b", "stream": True, **GREEDY, "max_tokens": 200}
+        with server.http.stream("POST", "/v1/completions", json=body) as s:
+            next(s.iter_lines())
+        deadline = time.monotonic() + 10
+        while resident.leases and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resident.leases == 0
+        park(server, registry, "b")
+        assert registry.tier("b") == 1 and registry.kv_bytes() == 0
 
 
 def test_auto_routes_by_rule_and_default_model(size):
