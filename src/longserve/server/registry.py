@@ -226,7 +226,7 @@ class ModelRegistry:
             self._lock = asyncio.Lock()
         async with self._lock:
             resident = self.residents.get(name)
-            if not park and resident is not None and not resident.closing:
+            if not park and resident is not None and resident.ready:
                 return
             before = len(self.tiers.switches)
             order = sorted(self.residents, key=lambda n: self.last_used.get(n, 0.0))
@@ -246,8 +246,10 @@ class ModelRegistry:
                 self.tiers.get(used)  # resident: only moves it to the LRU's recent end
         if park:
             self.tiers.park(name)
-        else:
-            self.tiers.get(name)
+            return
+        resident = self.tiers.get(name)
+        if resident.state is None and not resident.closing:  # measured at startup, never served yet
+            resident.attach(self.profiles[name], self.plans[name], self.settings)
 
     async def park(self, name: str) -> None:
         """Park an expert now (a forced park: tests, operators); waits for its running requests."""

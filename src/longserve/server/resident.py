@@ -111,6 +111,10 @@ class Resident:
         )
 
     # ---- leases (event loop) and close (switch thread) ---------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state is not None and not self.closing
+
     def lease(self) -> bool:
         """Take a lease, unless the expert is being parked (then the caller waits for a switch)."""
         with self._cond:
