@@ -263,3 +263,20 @@ def test_cli_serves_several_models_and_prints_the_plan(monkeypatch, capsys, size
     with pytest.raises(Exception, match="--draft is not supported with several models"):
         args = parser.parse_args([*argv, "--draft", "x"])
         args.func(args)
+
+
+def test_cli_names_experts_and_refuses_ambiguous_flags(tmp_path):
+    from longserve.errors import InvalidParameterError
+    from longserve.server.multi_cli import expert_name, experts_of
+
+    parser = argparse.ArgumentParser(prog="longserve")
+    server_cli.register(parser.add_subparsers(dest="command"))
+    assert expert_name("/models/qwen-0.5b.gguf") == "qwen-0.5b" and expert_name("/m/smollm/") == "smollm"
+    with pytest.raises(InvalidParameterError, match="several --model arguments are named a"):
+        experts_of(parser.parse_args(["serve", "--model", "x/a", "--model", "y/a"]))
+    path = tmp_path / "experts.toml"
+    path.write_text('[chat]\nmodel = "a"\n[code]\nmodel = "b"\nrules = ["def "]\npinned = true\n')
+    experts = experts_of(parser.parse_args(["serve", "--models", str(path)]))
+    assert [(e.name, e.model, e.pinned) for e in experts] == [("chat", "a", False), ("code", "b", True)]
+    with pytest.raises(InvalidParameterError, match="--models FILE or with --model, not both"):
+        experts_of(parser.parse_args(["serve", "--models", str(path), "--model", "a"]))
