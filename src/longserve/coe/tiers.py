@@ -5,12 +5,29 @@ just read and are hinted to the kernel to keep (`POSIX_FADV_WILLNEED`), so attac
 the page cache, not the disk. Tier 2: on disk (never loaded in this process, or long parked). An LRU
 decides what stays resident; pinned experts never leave. The budget counts weight bytes as measured on
 the loaded tensors (`Tensor.nbytes`, shared tensors once), so it holds exactly, not by estimate.
+
+The resident objects are whatever ``load(expert)`` returns (an `LLM`, or a server's per-model engine).
+Two optional hooks let such an object take part in the accounting and the teardown:
+
+- ``weight_bytes`` (attribute or property): its weight bytes, used instead of walking
+  ``obj.loaded.model`` (an object that owns more than one model, or no `LLM` at all, says so itself);
+- ``close()``: called by `ModelTiers.park` before the object is dropped (a server stops its engine
+  loop there), so nothing keeps running on weights that no longer count against the budget.
+
+`ModelTiers` is safe to call from several threads. The bookkeeping is under one lock that is never
+held across a load or a ``close()``, so requests for resident experts are not held up by a switch. Switches
+run one at a time (a second lock): a second `get` for an expert that is being loaded waits for that load
+and returns its object instead of loading twice, and two switches cannot both count the same free room.
+One load at a time also costs nothing here: a load is bound by memory bandwidth, not by a core.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,9 +53,17 @@ class Switch:
     parked: list[str] = field(default_factory=list)  # made room by parking these
 
 
-def weight_bytes(llm) -> int:
-    model = llm.loaded.model
-    tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}
+def weight_bytes(obj) -> int:
+    """Weight bytes of a resident object: its own ``weight_bytes`` when it has one, else measured on
+    ``obj.loaded.model``'s tensors (each storage once: tied and fused weights are not counted twice)."""
+    own = getattr(obj, "weight_bytes", None)
+    if own is not None:
+        return int(own() if callable(own) else own)
+    model = obj.loaded.model
+    tensors = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in [*model.parameters(), *model.buffers()]
+    }
     return sum(tensors.values())
 
 
@@ -60,13 +85,18 @@ class ModelTiers:
         self.sizes: dict[str, int] = {}  # measured weight bytes per expert (after its first load)
         self.parked: set[str] = set()
         self.switches: list[Switch] = []
+        self.loading: set[str] = set()  # the expert a switch is loading now (at most one)
+        self._lock = threading.RLock()  # the bookkeeping above; never held across a load or close()
+        self._switching = threading.Lock()  # one switch (park + load) at a time
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self.sizes[name] for name in self.resident)
+        with self._lock:
+            return sum(self.sizes[name] for name in self.resident)
 
     def tier(self, name: str) -> int:
-        return 0 if name in self.resident else 1 if name in self.parked else 2
+        with self._lock:
+            return 0 if name in self.resident else 1 if name in self.parked else 2
 
     def expert(self, name: str) -> Expert:
         if name not in self.experts:
@@ -74,60 +104,136 @@ class ModelTiers:
         return self.experts[name]
 
     def get(self, name: str):
-        """The expert's LLM, made resident if it is not (parking least recently used experts)."""
+        """The expert's resident object, made resident if it is not (parking least recently used
+        experts). Blocks while another thread switches, and returns that switch's object when it loaded
+        this same expert."""
         expert = self.expert(name)
-        if name in self.resident:
-            self.resident.move_to_end(name)
-            return self.resident[name]
-        start, tier = time.perf_counter(), self.tier(name)
-        # an expert never loaded before has no measured size yet: make room as for the largest one seen
-        parked = self._make_room(self.sizes.get(name) or max(self.sizes.values(), default=0))
-        llm = self.load(expert)
-        size = self.sizes[name] = weight_bytes(llm)
-        if size > self.max_weight_bytes:
-            del llm
-            gc.collect()
-            raise WeightBudgetError(
-                f"expert {name!r} needs {size / 2**20:.0f} MiB of weights, more than the whole budget "
-                f"({self.max_weight_bytes / 2**20:.0f} MiB, --max-weight-memory)"
-            )
-        parked += self._make_room(size)  # its size is known only once loaded the first time
-        self.resident[name] = llm
-        self.parked.discard(name)
-        self.switches.append(Switch(name, tier, time.perf_counter() - start, parked))
-        return llm
+        with self._lock:
+            if name in self.resident:
+                self.resident.move_to_end(name)
+                return self.resident[name]
+        with self._switching:
+            with self._lock:
+                if name in self.resident:  # loaded by the switch this call waited for
+                    self.resident.move_to_end(name)
+                    return self.resident[name]
+                start, tier = time.perf_counter(), self.tier(name)
+                # never loaded before: no measured size yet, so make room as for the largest one seen
+                victims = self._victims(self.sizes.get(name) or max(self.sizes.values(), default=0))
+                self.loading.add(name)
+            obj = None
+            try:
+                self._close_all(victims)
+                obj = self.load(expert)  # no lock held: resident experts keep serving meanwhile
+                size = weight_bytes(obj)
+                with self._lock:
+                    self.sizes[name] = size
+                    if size > self.max_weight_bytes:
+                        raise WeightBudgetError(
+                            f"expert {name!r} needs {size / 2**20:.0f} MiB of weights, more than the "
+                            f"whole budget ({self.max_weight_bytes / 2**20:.0f} MiB, --max-weight-memory)"
+                        )
+                    more = self._victims(size)  # its size is known only once loaded the first time
+                    self.resident[name] = obj
+                    self.parked.discard(name)
+                parked = [n for n, _ in victims + more]
+                self._close_all(more)
+                with self._lock:
+                    self.switches.append(Switch(name, tier, time.perf_counter() - start, parked))
+                return obj
+            except BaseException:
+                if obj is not None and self.resident.get(name) is not obj:  # loaded, but not kept
+                    _close(obj)
+                    obj = None
+                    _release_memory()
+                raise
+            finally:
+                with self._lock:
+                    self.loading.discard(name)
 
-    def _make_room(self, need: int) -> list[str]:
-        parked = []
+    def _victims(self, need: int) -> list[tuple[str, object]]:
+        """Take LRU experts out of the resident set until ``need`` more bytes fit (the lock is held);
+        the caller closes them once the lock is released."""
+        out = []
         while self.resident and self.resident_bytes + need > self.max_weight_bytes:
             victim = next((n for n in self.resident if not self.experts[n].pinned), None)
             if victim is None:
+                for n, obj in reversed(out):  # nothing was closed yet: put them back as they were
+                    self.resident[n] = obj
+                    self.resident.move_to_end(n, last=False)
+                    self.parked.discard(n)
                 raise WeightBudgetError(
                     f"pinned experts hold {self.resident_bytes / 2**20:.0f} MiB; no room for "
                     f"{need / 2**20:.0f} MiB more under --max-weight-memory"
                 )
-            self.park(victim)
-            parked.append(victim)
-        return parked
+            out.append((victim, self.resident.pop(victim)))
+            self.parked.add(victim)
+        return out
+
+    @staticmethod
+    def _close_all(victims: list[tuple[str, object]]) -> None:
+        """Close parked experts and free their memory for real (the lock is not held: a ``close()``
+        may wait for its engine to stop)."""
+        if not victims:
+            return
+        for _, obj in victims:
+            _teardown(obj)
+        victims[:] = [(n, None) for n, _ in victims]  # drop the last references before releasing
+        _release_memory()
 
     def park(self, name: str) -> None:
-        """Tear the expert down; keep its weight files warm in the page cache for a fast return."""
-        llm = self.resident.pop(name)
-        path = getattr(getattr(llm, "loaded", None), "path", None)
-        del llm
-        gc.collect()
-        self.parked.add(name)
-        if path is not None:
-            keep_in_page_cache(Path(path))
+        """Tear the expert down (its ``close()`` first, when it has one); keep its weight files warm in
+        the page cache for a fast return. Waits for a switch in progress."""
+        self.expert(name)
+        with self._switching:
+            with self._lock:
+                if name not in self.resident:
+                    return
+                victims = [(name, self.resident.pop(name))]
+                self.parked.add(name)
+            self._close_all(victims)
 
     def stats(self) -> dict:
-        return {
-            "resident": list(self.resident),
-            "parked": sorted(self.parked),
-            "resident_bytes": self.resident_bytes,
-            "max_weight_bytes": self.max_weight_bytes,
-            "switches": len(self.switches),
-        }
+        with self._lock:
+            return {
+                "resident": list(self.resident),
+                "parked": sorted(self.parked),
+                "loading": sorted(self.loading),
+                "resident_bytes": self.resident_bytes,
+                "max_weight_bytes": self.max_weight_bytes,
+                "switches": len(self.switches),
+            }
+
+
+def _teardown(obj) -> None:
+    path = getattr(getattr(obj, "loaded", None), "path", None)
+    _close(obj)
+    if path is not None:
+        keep_in_page_cache(Path(path))
+
+
+def _close(obj) -> None:
+    close = getattr(obj, "close", None)
+    if callable(close):
+        close()
+
+
+def _release_memory() -> None:
+    """Free a parked expert's memory for real, so RSS drops: collect the cycles that still hold its
+    tensors, then hand the freed heap back to the kernel (glibc keeps freed chunks below its mmap
+    threshold in the heap otherwise; `malloc_trim` returns them). Elsewhere than glibc, only the gc."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def keep_in_page_cache(path: Path) -> None:

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP serving over the continuous-batching engine (and, with a draft, a batch-1
 speculative decoder; see `server.speculative`).
 
-`create_app(llm, ...)` builds the FastAPI app; `longserve serve` runs it with uvicorn. Exports load
+`create_app(llm, ...)` builds the FastAPI app (`create_multi_app(ModelRegistry(...))`: several models
+behind one server); `longserve serve` runs it with uvicorn. Exports load
 lazily so that building the CLI parser (which imports `longserve.server.cli`) stays fast.
 """
 
@@ -9,6 +10,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "create_app": "app",
+    "create_multi_app": "multi_app",
+    "ModelRegistry": "registry",
     "AsyncEngine": "async_engine",
     "BackgroundServer": "background",
     "KVPlan": "kv_plan",

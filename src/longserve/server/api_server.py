@@ -71,6 +71,18 @@ def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def install_error_handling(app: FastAPI, api_key: str | None, max_request_bytes: int) -> None:
+    """Every failure as the OpenAI error body, the API key on /v1, the body size limit: the same for a
+    one-model and a several-model app."""
+    app.add_exception_handler(LongserveError, lambda _, exc: error_response(exc))
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+
+
 def create_app(
     llm,
     *,
@@ -171,13 +183,7 @@ def create_app(
         spec_prefill=spec_prefill is not None,
     )
     app.state.server = state
-    app.add_exception_handler(LongserveError, lambda _, exc: error_response(exc))
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    install_error_handling(app, api_key, max_request_bytes)
 
     v1 = APIRouter(prefix="/v1")
 

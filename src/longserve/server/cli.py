@@ -23,8 +23,24 @@ def register(sub) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (continuous batching, KV compression, /metrics)"
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, HF directory or .gguf file")
+    p.add_argument(
+        "--model",
+        action="append",
+        help=f"zoo name, HF directory or .gguf file (default {DEFAULT_MODEL}); repeat it to serve several "
+        "models (each named by its last path component)",
+    )
     p.add_argument("--served-model-name", help="model id clients use (default: --model)")
+    g = p.add_argument_group(
+        "several models (a request's 'model' picks one; 'auto' routes by rules and prompt embeddings)"
+    )
+    g.add_argument("--models", metavar="TOML", help="experts file: name, model, description, examples, rules")
+    g.add_argument(
+        "--max-weight-memory",
+        metavar="SIZE",
+        help="weight budget (e.g. 4GiB): the least recently used models are parked to stay within it "
+        "(default: every model resident)",
+    )
+    g.add_argument("--default-model", metavar="NAME", help="model for requests without one: a name or auto")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -94,6 +110,7 @@ def cmd_serve(args) -> int:
     from longserve.llm import LLM
     from longserve.server.app import create_app
     from longserve.specprefill.cli import from_args
+    from longserve.zoo import DEFAULT_MODEL
 
     # refuse bad combinations before any weights load
     if args.draft and args.prefill_draft:
@@ -119,8 +136,12 @@ def cmd_serve(args) -> int:
             f"warning: serving on {args.host} without an API key; anyone who can reach it can use it",
             file=sys.stderr,
         )
+    if args.models or (args.model and len(args.model) > 1) or args.max_weight_memory or args.default_model:
+        from longserve.server.multi_cli import serve_several
+
+        return serve_several(args, api_key)
     llm = LLM(
-        args.model,
+        args.model[0] if args.model else DEFAULT_MODEL,
         dtype=args.dtype,
         weights=args.weights,
         **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),

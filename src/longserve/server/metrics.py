@@ -19,7 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -201,3 +201,87 @@ class PrefixCacheCollector:
             value=s.compressed_hits,
         )
         yield GaugeMetricFamily(f"{p}_max_bytes", "The cache's byte budget", value=self.cache.max_bytes)
+
+
+_SWITCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class MultiModelMetrics:
+    """/metrics of a several-model server: every expert's own series (its `Metrics`, kept across parks
+    so counters never reset), each sample labelled `model_name`, and the tiers' series: resident models,
+    switches, switch seconds, weight bytes per tier."""
+
+    def __init__(self, per_model: dict[str, Metrics], prefix: str = "longserve") -> None:
+        self.registry = CollectorRegistry()
+        r, p = self.registry, f"{prefix}_coe"
+        r.register(_Relabelled(per_model))
+        self.resident = Gauge(f"{p}_resident_models", "Experts resident (tier 0)", registry=r)
+        self.tier = Gauge(
+            f"{p}_model_tier",
+            "Tier of each expert: 0 resident, 1 parked, 2 on disk",
+            ["model_name"],
+            registry=r,
+        )
+        self.switches = Counter(
+            f"{p}_switches", "Experts made resident", ["model_name", "from_tier"], registry=r
+        )
+        self.switch_seconds = Histogram(
+            f"{p}_switch_seconds",
+            "Seconds to make an expert resident (parking others included)",
+            ["from_tier"],
+            buckets=_SWITCH_BUCKETS,
+            registry=r,
+        )
+        self.weight_bytes = Gauge(
+            f"{p}_weight_bytes", "Weight bytes of the experts per tier", ["tier"], registry=r
+        )
+        self.max_weight_bytes = Gauge(f"{p}_max_weight_bytes", "The weight budget", registry=r)
+        self.waiting = Gauge(
+            f"{p}_requests_waiting_for_switch",
+            "Requests waiting for their expert",
+            ["model_name"],
+            registry=r,
+        )
+
+    def switched(self, expert: str, from_tier: int, seconds: float) -> None:
+        self.switches.labels(expert, str(from_tier)).inc()
+        self.switch_seconds.labels(str(from_tier)).observe(seconds)
+
+    def refresh(self, registry) -> None:
+        """Gauges from the registry's state (after every switch, and at each scrape)."""
+        by_tier = dict.fromkeys((0, 1, 2), 0)
+        for name in registry.experts:
+            tier = registry.tier(name)
+            self.tier.labels(name).set(tier)
+            profile = registry.profiles.get(name)
+            by_tier[tier] += profile.size if profile is not None else 0
+            self.waiting.labels(name).set(registry.waiting[name])
+        for tier, size in by_tier.items():
+            self.weight_bytes.labels(str(tier)).set(size)
+        self.resident.set(len(registry.residents))
+        self.max_weight_bytes.set(registry.budget or 0)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Relabelled:
+    """Each expert's series merged into one family per name, every sample labelled with its expert
+    (the vLLM-named ones already carry `model_name`)."""
+
+    def __init__(self, per_model: dict[str, Metrics]) -> None:
+        self.per_model = per_model
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for name, metrics in self.per_model.items():
+            for family in metrics.registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                for s in family.samples:
+                    labels = s.labels if "model_name" in s.labels else {"model_name": name, **s.labels}
+                    fields = list(s)  # a Sample namedtuple: name, labels, value, ...
+                    fields[1] = labels
+                    merged.samples.append(type(s)(*fields))
+        yield from families.values()
