@@ -119,7 +119,7 @@ def readme_commands() -> list[str]:
     """Every `longserve ...` command in the README's bash blocks (pipes and `&&` split, comments cut)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
             for part in re.split(r"\s*(?:\|(?!\|)|&&)\s*", line.split("  #")[0]):
                 if part.startswith("longserve "):
                     commands.append(part.strip())
