@@ -23,9 +23,6 @@ One load at a time also costs nothing here: a load is bound by memory bandwidth,
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import os
 import threading
 import time
@@ -34,7 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longserve.coe.attach import AttachLoader
 from longserve.coe.experts import Expert
+from longserve.coe.memory import release_memory
 from longserve.errors import InvalidParameterError, LongserveError, ModelNotFoundError
 
 
@@ -55,22 +54,27 @@ class Switch:
 
 def weight_bytes(obj) -> int:
     """Weight bytes of a resident object: its own ``weight_bytes`` when it has one, else measured on
-    ``obj.loaded.model``'s tensors (each storage once: tied and fused weights are not counted twice)."""
+    ``obj.loaded.model``'s parameters and buffers as the union of the byte ranges they occupy, so tied
+    weights, fused blocks and their part views, and tensors that are views of one mapped file each
+    count once, and exactly (no storage slack, no file header)."""
     own = getattr(obj, "weight_bytes", None)
     if own is not None:
         return int(own() if callable(own) else own)
     model = obj.loaded.model
-    tensors = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-        for t in [*model.parameters(), *model.buffers()]
-    }
-    return sum(tensors.values())
+    ranges = sorted(
+        (t.data_ptr(), t.data_ptr() + t.nbytes) for t in [*model.parameters(), *model.buffers()] if t.nbytes
+    )
+    total, end = 0, 0
+    for start, stop in ranges:
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
-def default_load(expert: Expert):
-    from longserve.llm import LLM
-
-    return LLM(expert.model, dtype=expert.dtype, progress=False)
+#: The default ``load``: the first load of an expert reads its checkpoint and writes a flat file of its
+#: converted weights; every later one (a re-attach from tier 1) maps that file (`longserve.coe.attach`).
+default_load = AttachLoader()
 
 
 class ModelTiers:
@@ -145,7 +149,7 @@ class ModelTiers:
                 if obj is not None and self.resident.get(name) is not obj:  # loaded, but not kept
                     _close(obj)
                     obj = None
-                    _release_memory()
+                    release_memory()
                 raise
             finally:
                 with self._lock:
@@ -176,10 +180,11 @@ class ModelTiers:
         may wait for its engine to stop)."""
         if not victims:
             return
-        for _, obj in victims:
+        for i, (name, obj) in enumerate(victims):
             _teardown(obj)
-        victims[:] = [(n, None) for n, _ in victims]  # drop the last references before releasing
-        _release_memory()
+            victims[i] = (name, None)
+        del obj  # the last references go before the collection, or it frees nothing
+        release_memory()
 
     def park(self, name: str) -> None:
         """Tear the expert down (its ``close()`` first, when it has one); keep its weight files warm in
@@ -206,7 +211,8 @@ class ModelTiers:
 
 
 def _teardown(obj) -> None:
-    path = getattr(getattr(obj, "loaded", None), "path", None)
+    loaded = getattr(obj, "loaded", None)
+    path = getattr(loaded, "weights_file", None) or getattr(loaded, "path", None)
     _close(obj)
     if path is not None:
         keep_in_page_cache(Path(path))
@@ -216,24 +222,6 @@ def _close(obj) -> None:
     close = getattr(obj, "close", None)
     if callable(close):
         close()
-
-
-def _release_memory() -> None:
-    """Free a parked expert's memory for real, so RSS drops: collect the cycles that still hold its
-    tensors, then hand the freed heap back to the kernel (glibc keeps freed chunks below its mmap
-    threshold in the heap otherwise; `malloc_trim` returns them). Elsewhere than glibc, only the gc."""
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def keep_in_page_cache(path: Path) -> None:
