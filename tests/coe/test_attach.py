@@ -94,3 +94,28 @@ def test_flat_file_round_trip_keeps_shared_storage_and_refuses_damage(tmp_path):
     file.write_bytes(b"not a flat file at all")
     with pytest.raises(CorruptModelError, match="not a longserve flat weights file"):
         read_flat(file)
+
+
+def test_a_parked_llm_is_freed_by_its_last_reference_without_a_full_collection(tmp_path):
+    """A full gc costs most of a second in a process with real tokenizers: park must not need one."""
+    import gc
+
+    path = model_dir(tmp_path, seed=3)
+    tiers = ModelTiers([Expert("a", str(path))], 2**30, AttachLoader(tmp_path / "t"))
+    greedy(tiers.get("a"))  # served once: the engine's objects must not keep it alive either
+    flat = str(tiers.get("a").loaded.weights_file)
+    collections: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.disable()
+    gc.callbacks.append(record)
+    try:
+        tiers.park("a")
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()
+    assert flat not in mapped_files() and 2 not in collections

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,7 @@ class AttachLoader:
         self._dir = Path(directory) if directory is not None else None
         self._owned: Path | None = None
         self.entries: dict[tuple[str, str, str], _Attachable] = {}
+        self._lock = threading.Lock()
 
     @property
     def directory(self) -> Path:
@@ -144,10 +146,12 @@ class AttachLoader:
 
     def __call__(self, expert: Expert):
         key = (expert.model, expert.dtype, expert.weights)
-        if key not in self.entries:
-            self.entries[key] = self._convert(expert, len(self.entries))
-            release_memory()  # the loaded copy is garbage now (fused weights hold reference cycles)
-        return attach(self.entries[key])
+        with self._lock:  # one loader may serve several ModelTiers: convert each model once
+            if key not in self.entries:
+                self.entries[key] = self._convert(expert, len(self.entries))
+                release_memory()  # the loaded copy is garbage now (fused weights hold reference cycles)
+            entry = self.entries[key]
+        return attach(entry)
 
     def _convert(self, expert: Expert, n: int) -> _Attachable:
         """Load from the checkpoint once (read, cast, fuse, quantize) and keep the result as a file."""

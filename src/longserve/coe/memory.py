@@ -8,12 +8,14 @@ import gc
 import os
 
 
-def release_memory() -> None:
+def release_memory(collect: bool = True) -> None:
     """Free a dropped model's memory for real, so RSS drops: collect the reference cycles that still
-    hold its tensors (a fused linear and its module point at each other), then hand freed heap back to
-    the kernel. glibc keeps freed chunks below its (dynamic, up to 32 MiB) mmap threshold in the heap;
+    hold its tensors (``collect``; a full collection costs most of a second in a process with a few
+    tokenizers loaded, so callers that know nothing is left skip it), then hand freed heap back to the
+    kernel. glibc keeps freed chunks below its (dynamic, up to 32 MiB) mmap threshold in the heap;
     `malloc_trim` returns them. Without glibc, only the collection."""
-    gc.collect()
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -1,10 +1,12 @@
 """Weight tiers under a memory budget: which experts are resident, parked or on disk.
 
-Tier 0, resident: weights in RAM, ready to serve. Tier 1, parked: torn down, but its weight files were
-just read and are hinted to the kernel to keep (`POSIX_FADV_WILLNEED`), so attaching again reads from
-the page cache, not the disk. Tier 2: on disk (never loaded in this process, or long parked). An LRU
-decides what stays resident; pinned experts never leave. The budget counts weight bytes as measured on
-the loaded tensors (`Tensor.nbytes`, shared tensors once), so it holds exactly, not by estimate.
+Tier 0, resident: weights in memory, ready to serve. Tier 1, parked: torn down and its memory given back
+to the kernel, but with the default loader (`longserve.coe.attach`) its converted weights stay as a flat
+file in the page cache, and re-attaching maps that file again (no disk read, no conversion, no copy).
+Tier 2: on disk (never loaded in this process): a full checkpoint load. An LRU decides what stays
+resident; pinned experts never leave. The budget counts weight bytes as measured on the loaded tensors
+(the byte ranges they occupy, shared ones once), so it holds exactly, not by estimate; a parked
+expert's pages are page cache, not this process's memory, and are not counted.
 
 The resident objects are whatever ``load(expert)`` returns (an `LLM`, or a server's per-model engine).
 Two optional hooks let such an object take part in the accounting and the teardown:
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,14 +180,17 @@ class ModelTiers:
     @staticmethod
     def _close_all(victims: list[tuple[str, object]]) -> None:
         """Close parked experts and free their memory for real (the lock is not held: a ``close()``
-        may wait for its engine to stop)."""
+        may wait for its engine to stop). A full garbage collection runs only when something survived
+        its last reference (a cycle): for an `LLM` nothing does, so a park costs milliseconds."""
         if not victims:
             return
+        alive = []
         for i, (name, obj) in enumerate(victims):
+            alive.append(_weak(getattr(getattr(obj, "loaded", None), "model", None) or obj))
             _teardown(obj)
             victims[i] = (name, None)
-        del obj  # the last references go before the collection, or it frees nothing
-        release_memory()
+        del obj  # the last references go before checking what is left
+        release_memory(collect=any(ref is None or ref() is not None for ref in alive))
 
     def park(self, name: str) -> None:
         """Tear the expert down (its ``close()`` first, when it has one); keep its weight files warm in
@@ -210,10 +216,20 @@ class ModelTiers:
             }
 
 
+def _weak(obj) -> weakref.ref | None:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
 def _teardown(obj) -> None:
     loaded = getattr(obj, "loaded", None)
     path = getattr(loaded, "weights_file", None) or getattr(loaded, "path", None)
     _close(obj)
+    unfuse = getattr(getattr(loaded, "model", None), "unfuse", None)
+    if callable(unfuse):  # breaks the model's only reference cycles: it is freed when dropped
+        unfuse()
     if path is not None:
         keep_in_page_cache(Path(path))
 
