@@ -36,3 +36,21 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def mapped_rss_bytes(suffix: str = ".flat") -> int:
+    """Resident bytes of this process's mappings of files whose name ends with ``suffix`` (the mapped
+    weights of attached experts), from /proc/self/smaps; 0 where unreadable. RSS minus this is what the
+    process holds besides those weights (runtime, tokenizers, caches, allocator slack)."""
+    total, counting = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=1)[0]
+                if "-" in first and not first.endswith(":"):  # a mapping's header line
+                    counting = line.rstrip().removesuffix(" (deleted)").endswith(suffix)
+                elif counting and first == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return 0
+    return total
