@@ -96,14 +96,30 @@ def test_flat_file_round_trip_keeps_shared_storage_and_refuses_damage(tmp_path):
         read_flat(file)
 
 
-def test_a_parked_llm_is_freed_by_its_last_reference_without_a_full_collection(tmp_path):
+class Served:
+    """A server-style resident object: wraps an LLM as ``.llm``, must be closed, states its bytes."""
+
+    def __init__(self, llm: LLM):
+        self.llm, self.closed = llm, False
+        self.weight_bytes = weight_bytes(llm)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_parked_llm_is_freed_by_its_last_reference_without_a_full_collection(tmp_path, wrapped):
     """A full gc costs most of a second in a process with real tokenizers: park must not need one."""
     import gc
 
     path = model_dir(tmp_path, seed=3)
-    tiers = ModelTiers([Expert("a", str(path))], 2**30, AttachLoader(tmp_path / "t"))
-    greedy(tiers.get("a"))  # served once: the engine's objects must not keep it alive either
-    flat = str(tiers.get("a").loaded.weights_file)
+    loader = AttachLoader(tmp_path / "t")
+    tiers = ModelTiers([Expert("a", str(path))], 2**30, (lambda e: Served(loader(e))) if wrapped else loader)
+    obj = tiers.get("a")
+    llm = obj.llm if wrapped else obj
+    greedy(llm)  # served once: the engine's objects must not keep it alive either
+    flat = str(llm.loaded.weights_file)
+    del llm
     collections: list[int] = []
 
     def record(phase: str, info: dict) -> None:
@@ -114,6 +130,7 @@ def test_a_parked_llm_is_freed_by_its_last_reference_without_a_full_collection(t
     gc.disable()
     gc.callbacks.append(record)
     try:
+        del obj
         tiers.park("a")
     finally:
         gc.callbacks.remove(record)

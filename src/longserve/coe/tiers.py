@@ -16,6 +16,10 @@ Two optional hooks let such an object take part in the accounting and the teardo
 - ``close()``: called by `ModelTiers.park` before the object is dropped (a server stops its engine
   loop there), so nothing keeps running on weights that no longer count against the budget.
 
+After ``close()``, the model of an `LLM` (or of an object that wraps one as ``.llm``) is unfused, which
+breaks its only reference cycles, so dropping the last reference frees it at once; a full garbage
+collection (most of a second in a process holding a few tokenizers) runs only if something survived.
+
 `ModelTiers` is safe to call from several threads. The bookkeeping is under one lock that is never
 held across a load or a ``close()``, so requests for resident experts are not held up by a switch. Switches
 run one at a time (a second lock): a second `get` for an expert that is being loaded waits for that load
@@ -186,7 +190,7 @@ class ModelTiers:
             return
         alive = []
         for i, (name, obj) in enumerate(victims):
-            alive.append(_weak(getattr(getattr(obj, "loaded", None), "model", None) or obj))
+            alive.append(_weak(getattr(_loaded(obj), "model", None) or obj))
             _teardown(obj)
             victims[i] = (name, None)
         del obj  # the last references go before checking what is left
@@ -223,8 +227,13 @@ def _weak(obj) -> weakref.ref | None:
         return None
 
 
+def _loaded(obj):
+    """The `LoadedModel` of an `LLM`, or of an object that wraps one as ``.llm`` (a server's engine)."""
+    return getattr(obj, "loaded", None) or getattr(getattr(obj, "llm", None), "loaded", None)
+
+
 def _teardown(obj) -> None:
-    loaded = getattr(obj, "loaded", None)
+    loaded = _loaded(obj)
     path = getattr(loaded, "weights_file", None) or getattr(loaded, "path", None)
     _close(obj)
     unfuse = getattr(getattr(loaded, "model", None), "unfuse", None)
