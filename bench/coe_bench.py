@@ -125,9 +125,18 @@ def run_trace(coe: CoE, names: list[str], max_new: int, memory: list[dict]) -> d
     """Serve ``names`` in order; after every request note RSS and the resident weight bytes."""
     start = time.perf_counter()
     for name in names:
-        coe.generate(PROMPTS[name][0], model=name, max_new_tokens=max_new)
+        begin = time.perf_counter()
+        out = coe.generate(PROMPTS[name][0], model=name, max_new_tokens=max_new)
         memory.append(
-            {"rss": rss_bytes(), "weights": coe.tiers.resident_bytes, "resident": list(coe.tiers.resident)}
+            {
+                "expert": name,
+                "seconds": time.perf_counter() - begin,  # switch + prefill + decode
+                "switch_s": out.stats["switch_s"],
+                "rss": rss_bytes(),
+                "mapped_weights_rss": mapped_rss_bytes(),  # the resident experts' weight pages touched
+                "weight_bytes": coe.tiers.resident_bytes,  # what the budget counts
+                "resident": list(coe.tiers.resident),
+            }
         )
     return {"requests": len(names), "seconds": time.perf_counter() - start}
 
