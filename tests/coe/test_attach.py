@@ -137,3 +137,15 @@ def test_a_parked_llm_is_freed_by_its_last_reference_without_a_full_collection(t
         gc.callbacks.remove(record)
         gc.enable()
     assert flat not in mapped_files() and 2 not in collections
+
+
+def test_llm_options_reach_every_llm_and_reserved_ones_are_refused(tmp_path):
+    from longserve.errors import InvalidParameterError
+
+    path = model_dir(tmp_path, seed=4)
+    loader = AttachLoader(tmp_path / "t", max_batch_size=3, prefill_chunk=16)
+    first, again = loader(Expert("a", str(path))), loader(Expert("a", str(path)))
+    assert (first.max_batch_size, again.max_batch_size, again.prefill_chunk) == (3, 3, 16)
+    assert greedy(first) == greedy(again)
+    with pytest.raises(InvalidParameterError, match="sets dtype itself"):
+        AttachLoader(dtype="float32")

@@ -33,7 +33,7 @@ import torch
 
 from longserve.coe.experts import Expert
 from longserve.coe.memory import release_memory
-from longserve.errors import CorruptModelError
+from longserve.errors import CorruptModelError, InvalidParameterError
 
 PAGE = 4096
 MAGIC = b"LSFLAT01"
@@ -127,10 +127,17 @@ class AttachLoader:
     and writes its flat file; every call returns an `LLM` whose weights are a mapping of that file.
 
     ``directory``: where the flat files go (default: a new private directory under the system's
-    temporary directory, removed with the loader). Files are keyed by (model, dtype, weights).
+    temporary directory, removed with the loader, so the loader must outlive the LLMs it made). Files
+    are keyed by (model, dtype, weights). ``llm_options`` go to every `LLM` it makes
+    (``max_batch_size=``, ``prefill_chunk=``, ``kv_policy=``, ``threads=``...).
     """
 
-    def __init__(self, directory: str | Path | None = None):
+    def __init__(self, directory: str | Path | None = None, **llm_options):
+        if taken := sorted(llm_options.keys() & {"model", "loaded", "dtype", "weights", "progress"}):
+            raise InvalidParameterError(
+                f"AttachLoader sets {', '.join(taken)} itself (dtype and weights come from each Expert)"
+            )
+        self.llm_options = llm_options
         self._dir = Path(directory) if directory is not None else None
         self._owned: Path | None = None
         self.entries: dict[tuple[str, str, str], _Attachable] = {}
@@ -151,7 +158,7 @@ class AttachLoader:
                 self.entries[key] = self._convert(expert, len(self.entries))
                 release_memory()  # the loaded copy is garbage now (fused weights hold reference cycles)
             entry = self.entries[key]
-        return attach(entry)
+        return attach(entry, **self.llm_options)
 
     def _convert(self, expert: Expert, n: int) -> _Attachable:
         """Load from the checkpoint once (read, cast, fuse, quantize) and keep the result as a file."""
@@ -159,7 +166,9 @@ class AttachLoader:
 
         from longserve.llm import LLM
 
-        llm = LLM(expert.model, dtype=expert.dtype, weights=expert.weights, progress=False)
+        llm = LLM(
+            expert.model, dtype=expert.dtype, weights=expert.weights, progress=False, **self.llm_options
+        )
         loaded = llm.loaded
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(expert.model).name)
         file = self.directory / f"{n}-{safe}-{expert.dtype}-{llm.weights}.flat"
@@ -183,7 +192,7 @@ def _dtypes() -> dict[str, torch.dtype]:
     return DTYPES
 
 
-def attach(entry: _Attachable):
+def attach(entry: _Attachable, **llm_options):
     """An `LLM` over the expert's flat file: the model is built on the meta device (quantized modules
     too, when the file holds int8/int4 packs) and takes the mapped tensors by assignment."""
     from longserve.llm import LLM
@@ -206,6 +215,6 @@ def attach(entry: _Attachable):
     loaded = LoadedModel(
         entry.name, entry.path, model, entry.tokenizer, model.args, entry.eos_ids, weights_file=entry.file
     )
-    llm = LLM(loaded=loaded, dtype=entry.dtype, progress=False)
+    llm = LLM(loaded=loaded, dtype=entry.dtype, progress=False, **llm_options)
     llm.weights = entry.weights  # already quantized: LLM(loaded=, weights=int8) would quantize again
     return llm
