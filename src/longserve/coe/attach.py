@@ -71,8 +71,9 @@ def write_flat(state: dict[str, torch.Tensor], path: Path) -> None:
         f.write(MAGIC + len(header).to_bytes(8, "little") + header)
         for ptr, storage in storages.items():
             f.seek(base + index[ptr][0])
-            if storage.nbytes():
-                f.write(memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy()))
+            if storage.nbytes():  # a model on a GPU is written from a host copy, one storage at a time
+                host = storage if storage.device.type == "cpu" else storage.cpu()
+                f.write(memoryview(torch.empty(0, dtype=torch.uint8).set_(host).numpy()))
         f.truncate(base + offset)
     tmp.replace(path)  # a file is complete or absent, never half-written
 
@@ -99,8 +100,7 @@ def read_flat(path: Path) -> dict[str, torch.Tensor]:
     state = {}
     for key, e in header["keys"].items():
         dtype = getattr(torch, e["dtype"])
-        start = base + e["storage"]
-        assert start % dtype.itemsize == 0  # page-aligned storages: every element offset is exact
+        start = base + e["storage"]  # page-aligned: a whole number of elements of any dtype
         view = torch.empty(0, dtype=dtype).set_(
             mapped, start // dtype.itemsize + e["offset"], e["shape"], e["stride"]
         )
