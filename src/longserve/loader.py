@@ -86,6 +86,8 @@ class LoadedModel:
     tokenizer: object
     args: ModelArgs
     eos_ids: tuple[int, ...]
+    #: The file the weights are mapped from, when they are a mapping (`longserve.coe.attach`), else None.
+    weights_file: Path | None = None
 
     @property
     def context_window(self) -> int:

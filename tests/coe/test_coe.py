@@ -119,3 +119,40 @@ def test_experts_file(tmp_path):
         load_experts(path)
     with pytest.raises(InvalidParameterError, match="bad rule regex"):
         Expert("x", "m", rules=["("])
+
+
+def embed_with_common_direction(texts: list[str]) -> torch.Tensor:
+    """Keyword counts on top of a large shared component, as LLM hidden states have: without
+    centering every text is nearly parallel to every other."""
+    return torch.stack([torch.tensor([50.0, 50.0, 50.0]) + v for v in embed_keywords(texts)[:, :3]])
+
+
+def test_examples_vote_per_expert_and_centering_removes_the_common_direction():
+    coder = Expert("coder", "a", description="weather", examples=["python code", "code code", "python"])
+    writer = Expert("writer", "b", description="story", examples=["story poem", "poem"])
+    router = Router([coder, writer], embed_with_common_direction, margin=0.02)
+    # the description says nothing about code: the expert's 3 nearest examples carry the vote
+    assert router.route("python code python").expert == "coder"
+    flat = Router([coder, writer], embed_with_common_direction, margin=0.02, center=False)
+    scores = flat.scores("python code python")
+    assert max(scores.values()) - min(scores.values()) < 0.02  # uncentered: a near-tie everywhere...
+    assert flat.route("python code python", resident=["writer"]).expert == "writer"  # ...so residency decides
+    assert router.route("python code python", resident=["writer"]).expert == "coder"  # centered: not a tie
+
+
+def test_hidden_state_embedder_fetches_the_model_per_batch_and_caches_texts():
+    from longserve.coe.router import HiddenStateEmbedder
+
+    llm = LLM(loaded=tiny_loaded("llama", seed=1)[0])
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return llm
+
+    embed = HiddenStateEmbedder(fetch)
+    first = embed(["hello there", "some code"])
+    assert first.shape == (2, llm.loaded.args.hidden_size) and len(calls) == 1
+    assert torch.equal(embed(["some code"])[0], first[1]) and len(calls) == 1  # cached: no model needed
+    shallow = HiddenStateEmbedder(lambda: llm, layer_fraction=0.34)(["hello there"])[0]
+    assert not torch.allclose(shallow, first[0])  # the depth is honoured

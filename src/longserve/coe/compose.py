@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from longserve.coe.experts import Expert
-from longserve.coe.router import Route, Router
+from longserve.coe.router import HiddenStateEmbedder, Route, Router
 from longserve.coe.tiers import ModelTiers, default_load
 from longserve.errors import InvalidParameterError
 from longserve.server.kv_plan import parse_byte_size
@@ -35,9 +35,8 @@ class CoE:
     @property
     def router(self) -> Router:
         if self._router is None:
-            from longserve.icl.embed import Embedder
-
-            self._router = Router(self.experts, Embedder(self.tiers.get(self.router_name)), self.margin)
+            embed = HiddenStateEmbedder(lambda: self.tiers.get(self.router_name))
+            self._router = Router(self.experts, embed, self.margin)
         return self._router
 
     def route(self, prompt: str | list[dict]) -> Route:

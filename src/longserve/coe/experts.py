@@ -8,6 +8,7 @@ An experts file is TOML, one table per expert:
     examples = ["Fix this function: def f(x): return x +", "Write a bash loop over files"]
     rules = ["```", "\\bdef\\b"]          # regexes that route to this expert outright
     dtype = "bfloat16"
+    weights = "auto"                     # or "int8" / "int4" (see LLM(weights=))
     pinned = true                        # never parked
 """
 
@@ -29,6 +30,7 @@ class Expert:
     examples: list[str] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
     dtype: str = "bfloat16"
+    weights: str = "auto"
     pinned: bool = False
 
     def __post_init__(self) -> None:

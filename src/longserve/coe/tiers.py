@@ -1,10 +1,12 @@
 """Weight tiers under a memory budget: which experts are resident, parked or on disk.
 
-Tier 0, resident: weights in RAM, ready to serve. Tier 1, parked: torn down, but its weight files were
-just read and are hinted to the kernel to keep (`POSIX_FADV_WILLNEED`), so attaching again reads from
-the page cache, not the disk. Tier 2: on disk (never loaded in this process, or long parked). An LRU
-decides what stays resident; pinned experts never leave. The budget counts weight bytes as measured on
-the loaded tensors (`Tensor.nbytes`, shared tensors once), so it holds exactly, not by estimate.
+Tier 0, resident: weights in memory, ready to serve. Tier 1, parked: torn down and its memory given back
+to the kernel, but with the default loader (`longserve.coe.attach`) its converted weights stay as a flat
+file in the page cache, and re-attaching maps that file again (no disk read, no conversion, no copy).
+Tier 2: on disk (never loaded in this process): a full checkpoint load. An LRU decides what stays
+resident; pinned experts never leave. The budget counts weight bytes as measured on the loaded tensors
+(the byte ranges they occupy, shared ones once), so it holds exactly, not by estimate; a parked
+expert's pages are page cache, not this process's memory, and are not counted.
 
 The resident objects are whatever ``load(expert)`` returns (an `LLM`, or a server's per-model engine).
 Two optional hooks let such an object take part in the accounting and the teardown:
@@ -13,6 +15,10 @@ Two optional hooks let such an object take part in the accounting and the teardo
   ``obj.loaded.model`` (an object that owns more than one model, or no `LLM` at all, says so itself);
 - ``close()``: called by `ModelTiers.park` before the object is dropped (a server stops its engine
   loop there), so nothing keeps running on weights that no longer count against the budget.
+
+After ``close()``, the model of an `LLM` (or of an object that wraps one as ``.llm``) is unfused, which
+breaks its only reference cycles, so dropping the last reference frees it at once; a full garbage
+collection (most of a second in a process holding a few tokenizers) runs only if something survived.
 
 `ModelTiers` is safe to call from several threads. The bookkeeping is under one lock that is never
 held across a load or a ``close()``, so requests for resident experts are not held up by a switch. Switches
@@ -23,18 +29,18 @@ One load at a time also costs nothing here: a load is bound by memory bandwidth,
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longserve.coe.attach import AttachLoader
 from longserve.coe.experts import Expert
+from longserve.coe.memory import release_memory
 from longserve.errors import InvalidParameterError, LongserveError, ModelNotFoundError
 
 
@@ -55,22 +61,27 @@ class Switch:
 
 def weight_bytes(obj) -> int:
     """Weight bytes of a resident object: its own ``weight_bytes`` when it has one, else measured on
-    ``obj.loaded.model``'s tensors (each storage once: tied and fused weights are not counted twice)."""
+    ``obj.loaded.model``'s parameters and buffers as the union of the byte ranges they occupy, so tied
+    weights, fused blocks and their part views, and tensors that are views of one mapped file each
+    count once, and exactly (no storage slack, no file header)."""
     own = getattr(obj, "weight_bytes", None)
     if own is not None:
         return int(own() if callable(own) else own)
     model = obj.loaded.model
-    tensors = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-        for t in [*model.parameters(), *model.buffers()]
-    }
-    return sum(tensors.values())
+    ranges = sorted(
+        (t.data_ptr(), t.data_ptr() + t.nbytes) for t in [*model.parameters(), *model.buffers()] if t.nbytes
+    )
+    total, end = 0, 0
+    for start, stop in ranges:
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
-def default_load(expert: Expert):
-    from longserve.llm import LLM
-
-    return LLM(expert.model, dtype=expert.dtype, progress=False)
+#: The default ``load``: the first load of an expert reads its checkpoint and writes a flat file of its
+#: converted weights; every later one (a re-attach from tier 1) maps that file (`longserve.coe.attach`).
+default_load = AttachLoader()
 
 
 class ModelTiers:
@@ -145,7 +156,7 @@ class ModelTiers:
                 if obj is not None and self.resident.get(name) is not obj:  # loaded, but not kept
                     _close(obj)
                     obj = None
-                    _release_memory()
+                    release_memory()
                 raise
             finally:
                 with self._lock:
@@ -173,13 +184,17 @@ class ModelTiers:
     @staticmethod
     def _close_all(victims: list[tuple[str, object]]) -> None:
         """Close parked experts and free their memory for real (the lock is not held: a ``close()``
-        may wait for its engine to stop)."""
+        may wait for its engine to stop). A full garbage collection runs only when something survived
+        its last reference (a cycle): for an `LLM` nothing does, so a park costs milliseconds."""
         if not victims:
             return
-        for _, obj in victims:
+        alive = []
+        for i, (name, obj) in enumerate(victims):
+            alive.append(_weak(getattr(_loaded(obj), "model", None) or obj))
             _teardown(obj)
-        victims[:] = [(n, None) for n, _ in victims]  # drop the last references before releasing
-        _release_memory()
+            victims[i] = (name, None)
+        del obj  # the last references go before checking what is left
+        release_memory(collect=any(ref is None or ref() is not None for ref in alive))
 
     def park(self, name: str) -> None:
         """Tear the expert down (its ``close()`` first, when it has one); keep its weight files warm in
@@ -205,9 +220,25 @@ class ModelTiers:
             }
 
 
+def _weak(obj) -> weakref.ref | None:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
+def _loaded(obj):
+    """The `LoadedModel` of an `LLM`, or of an object that wraps one as ``.llm`` (a server's engine)."""
+    return getattr(obj, "loaded", None) or getattr(getattr(obj, "llm", None), "loaded", None)
+
+
 def _teardown(obj) -> None:
-    path = getattr(getattr(obj, "loaded", None), "path", None)
+    loaded = _loaded(obj)
+    path = getattr(loaded, "weights_file", None) or getattr(loaded, "path", None)
     _close(obj)
+    unfuse = getattr(getattr(loaded, "model", None), "unfuse", None)
+    if callable(unfuse):  # breaks the model's only reference cycles: it is freed when dropped
+        unfuse()
     if path is not None:
         keep_in_page_cache(Path(path))
 
@@ -216,24 +247,6 @@ def _close(obj) -> None:
     close = getattr(obj, "close", None)
     if callable(close):
         close()
-
-
-def _release_memory() -> None:
-    """Free a parked expert's memory for real, so RSS drops: collect the cycles that still hold its
-    tensors, then hand the freed heap back to the kernel (glibc keeps freed chunks below its mmap
-    threshold in the heap otherwise; `malloc_trim` returns them). Elsewhere than glibc, only the gc."""
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def keep_in_page_cache(path: Path) -> None:

@@ -264,6 +264,15 @@ class CausalLM(nn.Module):
             layer.mlp.fuse()
         return self
 
+    def unfuse(self) -> CausalLM:
+        """Drop the fused copies (the separate weights stay and are used instead). A fused copy points
+        back at its module, a reference cycle: without this, freeing a dropped model waits for a full
+        garbage collection (most of a second in a process with a few tokenizers loaded)."""
+        for layer in self.model.layers:
+            layer.self_attn.qkv = None
+            layer.mlp.gate_up = None
+        return self
+
     def check_fused(self) -> None:
         """Before a compiled forward: record, per fused copy, whether it is still exact (`checked`)."""
         for layer in self.model.layers:
