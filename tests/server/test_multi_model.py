@@ -242,8 +242,9 @@ def test_auto_routes_by_rule_and_default_model(size):
 
 def test_cli_serves_several_models_and_prints_the_plan(monkeypatch, capsys, size):
     seen = {}
-    monkeypatch.setattr(
-        "longserve.llm.LLM", lambda model, **kw: LLM(loaded=tiny_loaded("llama", seed=SEEDS[model])[0])
+    monkeypatch.setattr(  # the CLI builds experts through the tier-1 AttachLoader
+        "longserve.coe.AttachLoader",
+        lambda **kw: lambda expert: LLM(loaded=tiny_loaded("llama", seed=SEEDS[expert.model])[0]),
     )
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app))
     parser = argparse.ArgumentParser(prog="longserve")

@@ -68,19 +68,22 @@ def build_registry(args, build=None):
         parse_byte_size(args.max_weight_memory, "--max-weight-memory") if args.max_weight_memory else None
     )
     if build is None:
-        from longserve.llm import LLM
+        import dataclasses
+
+        from longserve.coe import AttachLoader
+
+        # tier 1: a parked expert re-attaches by mapping its weights file (no reload, no conversion)
+        loader = AttachLoader(
+            **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),
+            prefill_chunk=args.prefill_chunk,
+            threads=args.threads,
+            **policy_kwargs(args),
+        )
 
         def build(expert: Expert):
-            return LLM(
-                expert.model,
-                dtype=expert.dtype,
-                weights=getattr(expert, "weights", args.weights),
-                **({"max_batch_size": args.max_batch_size} if args.max_batch_size else {}),
-                prefill_chunk=args.prefill_chunk,
-                threads=args.threads,
-                progress=False,
-                **policy_kwargs(args),
-            )
+            if expert.weights == "auto" and args.weights not in (None, "auto"):
+                expert = dataclasses.replace(expert, weights=args.weights)
+            return loader(expert)
 
     settings = ServeSettings(
         max_model_len=args.max_model_len,
