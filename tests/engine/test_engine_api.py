@@ -83,20 +83,20 @@ def test_a_request_larger_than_the_slots_names_the_slot_size(llm):
 
 
 def test_a_failing_prefill_in_a_packed_step_fails_alone(llm, monkeypatch):
-    """Two prompts share one prefill step; the second one's chunk raises: the step names only it, and
-    the first prompt's token (already sampled) comes with the next step."""
+    """Two prompts share one packed prefill; the pack raises, each then runs alone: the step names only
+    the culprit, and the first prompt's token (already sampled) comes with the next step."""
     engine = llm.engine(2, 64)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     good = engine.add_request(prompt(1, 10), params, make_policy("full"))
     bad = engine.add_request(prompt(2, 10), params, make_policy("full"))
-    run = engine.runner.prefill
+    run = engine.runner.prefill_packed
 
-    def failing(seq, n_tokens):
-        if seq is bad:
+    def failing(chunks):
+        if any(seq is bad for seq, _ in chunks):
             raise RuntimeError("injected")
-        return run(seq, n_tokens)
+        return run(chunks)
 
-    monkeypatch.setattr(engine.runner, "prefill", failing)
+    monkeypatch.setattr(engine.runner, "prefill_packed", failing)
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
     assert engine.last_step.seqs == [bad]
@@ -105,3 +105,25 @@ def test_a_failing_prefill_in_a_packed_step_fails_alone(llm, monkeypatch):
     while engine.has_unfinished():
         engine.step()
     assert len(good.output_ids) == 4
+
+
+def test_a_prefill_step_runs_its_chunks_in_one_forward_with_the_logits_of_each_alone(llm, monkeypatch):
+    prompts = [prompt(10 + i, 5 + 7 * i) for i in range(3)]
+    alone = []
+    for ids in prompts:
+        engine = llm.engine(1, 64)
+        seq = engine.add_request(ids, SamplingParams(max_new_tokens=1), make_policy("full"))
+        alone.append(engine.prefill(seq))
+    engine = llm.engine(3, 64)
+    seqs = [engine.add_request(ids, SamplingParams(max_new_tokens=1), make_policy("full")) for ids in prompts]
+    engine.scheduler.admit()
+    forwards = []
+    hidden_states = engine.runner.model.hidden_states
+    monkeypatch.setattr(
+        engine.runner.model, "hidden_states", lambda *a: forwards.append(a[0].shape) or hidden_states(*a)
+    )
+    logits = engine.runner.prefill_packed([(s, s.prompt_len) for s in seqs])
+    assert forwards == [torch.Size([1, sum(len(p) for p in prompts)])]
+    for packed, single in zip(logits, alone, strict=True):
+        torch.testing.assert_close(packed, single, atol=1e-4, rtol=1e-4)
+    assert all(s.prefilled == s.prompt_len for s in seqs)

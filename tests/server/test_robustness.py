@@ -60,14 +60,14 @@ def test_non_streaming_client_disconnect_aborts(serve):
 def test_an_exception_in_one_request_fails_only_that_request(serve, monkeypatch):
     with serve(max_model_len=512) as s:
         runner = s.state.engine.engine.runner
-        prefill = runner.prefill
+        prefill = runner.prefill_packed
 
-        def broken_prefill(seq, n_tokens):
-            if bytes(t for t in seq.prompt_ids if t < 256).startswith(b"POISON"):
+        def broken_prefill(chunks):
+            if any(bytes(t for t in seq.prompt_ids if t < 256).startswith(b"POISON") for seq, _ in chunks):
                 raise RuntimeError("injected failure")
-            return prefill(seq, n_tokens)
+            return prefill(chunks)
 
-        monkeypatch.setattr(runner, "prefill", broken_prefill)
+        monkeypatch.setattr(runner, "prefill_packed", broken_prefill)
         client = s.client()
         expected = client.completions.create(
             model="tiny-llama", prompt="healthy", max_tokens=20, temperature=0

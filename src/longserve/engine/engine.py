@@ -217,30 +217,56 @@ class LLMEngine:
         return self.emit(seqs, self.runner.decode(seqs))
 
     def _prefill_step(self, step: Step) -> list[StepOutput]:
-        """Prefill chunks of the step's sequences in order until its token budget is spent; a cached
-        prefix is looked up when a sequence's prefill starts, so it finds what the sequences before it
-        in this step just inserted (eight prompts on one new document: one miss, seven hits)."""
-        outputs, budget = [], step.n_tokens
+        """Prefill chunks of the step's sequences until its token budget is spent, packed into one
+        forward (`ModelRunner.prefill_packed`). A cached prefix is looked up as a sequence's prefill
+        starts; when a prompt begins like one already in the pack, the pack runs first so that prompt
+        finds what it inserts (eight prompts on one new document: one miss, then seven hits)."""
+        self.carried, budget, pack = [], step.n_tokens, []
         for seq in step.seqs:
             if budget <= 0:
                 break
-            self.last_step = Step("prefill", [seq], budget)  # if this chunk fails, it fails alone
-            self.carried = outputs  # ... and the first tokens of those before it come with the next step
             if seq.prefilled == 0 and seq.cache_ids is not None:
+                if any(self._same_first_block(other, seq) for other, _ in pack):
+                    self._run_pack(pack, step)
+                    pack = []
                 self._attach_cached_prefix(seq)
             n_tokens = self.scheduler.chunk(seq, budget)
             budget -= n_tokens
-            compresses = seq.policy.compresses
-            if seq.cache_ids is not None and compresses and seq.prefilled + n_tokens == seq.prompt_len:
+            if (
+                seq.cache_ids is not None
+                and seq.policy.compresses
+                and seq.prefilled + n_tokens == seq.prompt_len
+            ):
                 self._cache_staged(seq)  # the uncompressed prefix, before the final chunk compresses it
-            logits = self.runner.prefill(seq, n_tokens)
+            pack.append((seq, n_tokens))
+        self._run_pack(pack, step)
+        outputs, self.carried = self.carried, []
+        return outputs
+
+    def _run_pack(self, pack: list[tuple[Sequence, int]], step: Step) -> None:
+        """Run one pack; its first tokens join `self.carried` (returned by this step, or by the next
+        one if a later pack of this step fails: a failing pack fails alone)."""
+        if not pack:
+            return
+        self.last_step = Step("prefill", [seq for seq, _ in pack], step.n_tokens)
+        try:
+            results = self.runner.prefill_packed(pack)
+        except Exception:
+            if len(pack) == 1:
+                raise
+            for chunk in pack:  # nothing was committed: run them one by one, so only the culprit fails
+                self._run_pack([chunk], step)
+            return
+        for (seq, _), logits in zip(pack, results, strict=True):
             if logits is None:
                 continue
-            if seq.cache_ids is not None and not compresses:
+            if seq.cache_ids is not None and not seq.policy.compresses:
                 self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq, copy=False))  # insert copies
-            outputs += self.emit([seq], logits)
-        self.carried = []
-        return outputs
+            self.carried += self.emit([seq], logits)
+
+    def _same_first_block(self, a: Sequence, b: Sequence) -> bool:
+        n = self.prefix_cache.block_size
+        return a.cache_ids is not None and len(b.cache_ids) > n and a.cache_ids[:n] == b.cache_ids[:n]
 
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Run a queued sequence's whole prompt now, chunk by chunk, and return the last position's

@@ -17,6 +17,17 @@ from longserve.kv.scoring_pass import run_scoring_pass
 from longserve.model import CausalLM
 
 
+class _Packed:
+    """The attention of several sequences' chunks laid side by side: each chunk's own backend."""
+
+    def __init__(self, backends: list[PrefillBackend], sizes: list[int]):
+        self.backends, self.sizes = backends, sizes
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        parts = zip(q.split(self.sizes, 2), k.split(self.sizes, 2), v.split(self.sizes, 2), strict=True)
+        return torch.cat([b.attend(layer, *p) for b, p in zip(self.backends, parts, strict=True)], 2)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, compiler: StepCompiler | None = None, tokenizer=None):
         """`compiler`: decode steps of fixed-size (ring) policies run its `torch.compile`d graph per
@@ -75,6 +86,13 @@ class ModelRunner:
         final: bool,
         pass_scores: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor | None:
+        backend, positions = self._backend(seq, start, end, final, pass_scores)
+        ids = torch.tensor([seq.prompt_ids[start:end]], device=self.pool.device)
+        logits = self.model(ids, positions[None], backend)
+        return self._finish(seq, backend, end, final, logits)
+
+    def _backend(self, seq, start, end, final, pass_scores=None) -> tuple[PrefillBackend, torch.Tensor]:
+        """The chunk's attention backend (staging the slot first where the policy needs it)."""
         staging = self.staging.get(seq.seq_id)
         first = seq.prefilled == 0
         if staging is None and (
@@ -85,8 +103,6 @@ class ModelRunner:
             staging = self.staging[seq.seq_id] = (staging_pool, staging_pool.allocate(FullPolicy()))
         if first and seq.prefix is not None:
             seq.prefix.load_into(*(staging if self.stages_prefix(seq) else (self.pool, seq.slot)))
-        device = self.pool.device
-        ids = torch.tensor([seq.prompt_ids[start:end]], device=device)
         offset = seq.prefix.next_pos if seq.prefix is not None else 0
         positions = torch.tensor(
             seq.prompt_positions[start:end] if seq.prompt_positions else range(offset + start, offset + end)
@@ -101,7 +117,9 @@ class ModelRunner:
             pass_scores=pass_scores,
             inv_freq=self.inv_freq,
         )
-        logits = self.model(ids, backend.positions[None], backend)
+        return backend, backend.positions
+
+    def _finish(self, seq, backend: PrefillBackend, end: int, final: bool, logits) -> torch.Tensor | None:
         backend.finish()
         seq.prefilled = end
         if final:
@@ -109,6 +127,42 @@ class ModelRunner:
             self.record(seq)
             return logits
         return None
+
+    @torch.inference_mode()
+    def prefill_packed(self, chunks: list[tuple[Sequence, int]]) -> list[torch.Tensor | None]:
+        """Chunks of several sequences in ONE model forward (their tokens side by side, each chunk
+        attending only to its own slot): the weights are read once for all of them, as vLLM's varlen
+        batches do, which is what a step of short suffixes on cached prefixes needs. Each linear's rows
+        do not depend on the row count, so a chunk gets the bits it would get alone. A chunk whose
+        policy runs a scoring pass goes alone (`prefill`)."""
+        alone = [
+            (s, n)
+            for s, n in chunks
+            if s.policy.has_scoring_pass and s.prefilled + n == s.prompt_len and self.needs_staging(s)
+        ]
+        alone_ids = {s.seq_id for s, _ in alone}
+        together = [(s, n) for s, n in chunks if s.seq_id not in alone_ids]
+        results = {s.seq_id: self.prefill(s, n) for s, n in alone}
+        if len(together) == 1:
+            results[together[0][0].seq_id] = self.prefill(*together[0])
+        elif together:
+            backends, positions, ids = [], [], []
+            for seq, n in together:
+                start = seq.prefilled
+                backend, pos = self._backend(seq, start, start + n, start + n == seq.prompt_len)
+                backends.append(backend)
+                positions.append(pos)
+                ids += seq.prompt_ids[start : start + n]
+            sizes = [n for _, n in together]
+            packed = _Packed(backends, sizes)
+            ids_t = torch.tensor([ids], device=self.pool.device)
+            hidden = self.model.hidden_states(ids_t, torch.cat(positions)[None], packed)
+            ends = torch.tensor(sizes, device=self.pool.device).cumsum(0) - 1
+            logits = self.model.logits(hidden[0, ends])
+            for i, ((seq, n), backend) in enumerate(zip(together, backends, strict=True)):
+                final = seq.prefilled + n == seq.prompt_len
+                results[seq.seq_id] = self._finish(seq, backend, seq.prefilled + n, final, logits[i : i + 1])
+        return [results[s.seq_id] for s, _ in chunks]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
