@@ -157,7 +157,11 @@ def test_prompts_on_one_new_document_all_start_in_one_step(loaded):
     llm = LLM(loaded=loaded, prefill_chunk=512, prefix_cache="64MB")
     engine = llm.engine(4, 256)
     seqs = [engine.add_request(ids, SamplingParams(**PARAMS), make_policy("full")) for ids in batch]
+    forwards, hidden_states = [], engine.runner.model.hidden_states
+    engine.runner.model.hidden_states = lambda *a: forwards.append(a[0].shape[1]) or hidden_states(*a)
     first = engine.step()
+    del engine.runner.model.hidden_states
+    assert forwards == [210, 3 * (210 - 192)]  # the miss alone, then the three hits' suffixes together
     assert [out.seq for out in first] == seqs and all(len(s.output_ids) == 1 for s in seqs)
     assert [s.cached_tokens for s in seqs] == [0, 192, 192, 192]
     while engine.has_unfinished():

@@ -219,14 +219,15 @@ class LLMEngine:
     def _prefill_step(self, step: Step) -> list[StepOutput]:
         """Prefill chunks of the step's sequences until its token budget is spent, packed into one
         forward (`ModelRunner.prefill_packed`). A cached prefix is looked up as a sequence's prefill
-        starts; when a prompt begins like one already in the pack, the pack runs first so that prompt
-        finds what it inserts (eight prompts on one new document: one miss, then seven hits)."""
+        starts; when a prompt begins like one in the pack that found nothing cached, the pack runs first
+        so that prompt finds what it inserts (eight prompts on one new document: the first runs alone,
+        a miss; the seven others hit and run together)."""
         self.carried, budget, pack = [], step.n_tokens, []
         for seq in step.seqs:
             if budget <= 0:
                 break
             if seq.prefilled == 0 and seq.cache_ids is not None:
-                if any(self._same_first_block(other, seq) for other, _ in pack):
+                if any(self._would_seed(other, seq) for other, _ in pack):
                     self._run_pack(pack, step)
                     pack = []
                 self._attach_cached_prefix(seq)
@@ -264,9 +265,16 @@ class LLMEngine:
                 self.prefix_cache.insert(seq.cache_ids, self.snapshot(seq, copy=False))  # insert copies
             self.carried += self.emit([seq], logits)
 
-    def _same_first_block(self, a: Sequence, b: Sequence) -> bool:
+    def _would_seed(self, a: Sequence, b: Sequence) -> bool:
+        """Whether running `a` first may give `b` a hit: `a` found nothing cached and both begin with
+        the same block. (When `a` itself hit, `b` finds the same entry without waiting for `a`.)"""
         n = self.prefix_cache.block_size
-        return a.cache_ids is not None and len(b.cache_ids) > n and a.cache_ids[:n] == b.cache_ids[:n]
+        return (
+            a.cache_ids is not None
+            and a.cached_tokens == 0
+            and len(b.cache_ids) > n
+            and a.cache_ids[:n] == b.cache_ids[:n]
+        )
 
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """Run a queued sequence's whole prompt now, chunk by chunk, and return the last position's
