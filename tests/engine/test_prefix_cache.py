@@ -38,12 +38,12 @@ def test_a_hit_gives_the_same_greedy_tokens_as_a_miss(loaded):
     second = llm.generate(b, **PARAMS)[0]
     assert [first.token_ids, second.token_ids] == expected
     assert first.stats["cached_prompt_tokens"] == 0
-    assert second.stats["cached_prompt_tokens"] == 256  # 4 full blocks of 64 shared with `a`
+    assert second.stats["cached_prompt_tokens"] == 288  # 18 full blocks of 16 shared with `a`
     assert second.stats["prompt_tokens"] == len(b)
     again = llm.generate(a, **PARAMS)[0]  # the whole prompt is cached but its last token is prefilled
-    assert again.token_ids == expected[0] and again.stats["cached_prompt_tokens"] == 256
+    assert again.token_ids == expected[0] and again.stats["cached_prompt_tokens"] == 304
     stats = llm.prefix_cache.stats
-    assert (stats.hits, stats.misses, stats.hit_tokens) == (2, 1, 512)
+    assert (stats.hits, stats.misses, stats.hit_tokens) == (2, 1, 592)
 
 
 def test_prompts_of_one_call_reuse_each_other(loaded):
@@ -61,9 +61,9 @@ def test_a_changed_token_misses_from_its_block_on(loaded):
     llm = fresh(loaded)
     llm.generate(base, **PARAMS)
     changed = list(base)
-    changed[150] = (changed[150] + 1) % 256  # inside the third block
+    changed[150] = (changed[150] + 1) % 256  # inside the tenth block (144-159)
     out = llm.generate(changed, **PARAMS)[0]
-    assert out.stats["cached_prompt_tokens"] == 128
+    assert out.stats["cached_prompt_tokens"] == 144
     plain = LLM(loaded=loaded, prefill_chunk=64).generate(changed, **PARAMS)[0]
     assert out.token_ids == plain.token_ids
 

@@ -75,7 +75,7 @@ class CachePrefix:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, fingerprint: str, block_size: int = 64):
+    def __init__(self, max_bytes: int, fingerprint: str, block_size: int = 16):
         if max_bytes <= 0 or block_size <= 0:
             raise ValueError("the prefix cache needs a positive byte budget and block size")
         self.max_bytes, self.fingerprint, self.block_size = max_bytes, fingerprint, block_size
