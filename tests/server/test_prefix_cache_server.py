@@ -25,7 +25,9 @@ def test_a_repeated_prompt_hits_the_prefix_cache(serve, loaded):
         )
         m = _metrics(s)
         assert m["longserve_prefix_cache_hits_total"] == 1 and m["longserve_prefix_cache_misses_total"] == 1
-        assert m["longserve_prefix_cache_hit_tokens_total"] == 240  # 15 blocks of 16 of the 248-byte prompt (the last token is always run)
+        assert (
+            m["longserve_prefix_cache_hit_tokens_total"] == 240
+        )  # 15 blocks of 16 of the 248-byte prompt (the last token is always run)
         assert m["longserve_prefix_cache_bytes"] > 0
         assert m["vllm:request_success_total{finished_reason=length}{model_name=tiny}"] == 2
 
