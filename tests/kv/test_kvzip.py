@@ -232,3 +232,17 @@ def test_scoring_backend_in_the_model_dtype(llm, dtype, tol):
     want = probs.amax(1).float()
     torch.testing.assert_close(scores[0][:, 10:60], want, atol=1e-6, rtol=tol)
     assert (scores[0][:, :10] == 0).all() and (scores[0][:, 60:] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_lse_math_path_matches_the_fused_kernel(causal):
+    """The blocked fp32 path other devices take (the flash-for-CPU kernel is CPU-only) gives the
+    fused kernel's output and log-sum-exp."""
+    from longserve.kv.scoring_pass import attention_lse
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 30, 16, generator=gen) * 2 for h in (4, 2, 2))
+    fused = attention_lse(q, k, v, causal, 0.25, 7, fused=True)
+    math = attention_lse(q, k, v, causal, 0.25, 7, fused=False)
+    for got, want in zip(math, fused, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -30,11 +30,18 @@ from longserve.model import CausalLM
 
 
 def attention_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, query_block: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    query_block: int,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [1, Hq, T, D], lse [1, Hq, T] fp32) of q [1, Hq, T, D] over k/v [1, Hkv, L, D] (GQA),
-    `causal` top-left aligned (T == L). CPU: the fused flash kernel; elsewhere fp32 math, blocked."""
-    if q.device.type == "cpu":
+    `causal` top-left aligned (T == L). `fused` (default: on CPU) uses the flash-for-CPU kernel;
+    otherwise fp32 math, `query_block` queries at a time."""
+    if fused if fused is not None else q.device.type == "cpu":
         return kernels.flash_lse(q, k, v, causal, scale)
     _, hq, t, _ = q.shape
     group = hq // k.shape[1]
