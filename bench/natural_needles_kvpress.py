@@ -45,6 +45,8 @@ def press_for(method: str, ratio: float):
     return {
         "snapkv": lambda: SnapKVPress(compression_ratio=drop),
         "kvzip": lambda: KVzipPress(compression_ratio=drop),
+        # uniform per-layer budgets (one top-k over the heads of each layer), as longserve's kvzip+ada
+        "kvzip_layerwise": lambda: KVzipPress(compression_ratio=drop, layerwise=True),
         "expected_attention": lambda: ExpectedAttentionPress(compression_ratio=drop),
         "knorm": lambda: KnormPress(compression_ratio=drop),
     }[method]()
