@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -160,6 +161,8 @@ def run_sample(llm, sample, cells, settings, max_new, sink, meta):
                         "correct": all(a in text for a in answers),
                         "kv_bytes": kv_bytes,
                         "scoring_pass_s": pass_s if method.startswith("kvzip") else None,
+                        "load1": os.getloadavg()[0],
+                        "command": command(),
                     }
                 )
     for row in rows:
@@ -192,23 +195,40 @@ def main() -> None:
         settings = args.settings.split(",")
         samples = make_suite(args.tasks.split(","), args.samples, args.length, count, seed=0)
         meta = {"model": args.model, "length": args.length}
-        done = {json.loads(line)["sample"] for line in jsonl.open()} if jsonl.exists() else set()
+        # resumable per (sample, setting): a later run may add the other setting of the same samples
+        done = (
+            {
+                (r["sample"], r["setting"])
+                for r in map(json.loads, jsonl.open())
+                if r["library"] == "longserve"
+            }
+            if jsonl.exists()
+            else set()
+        )
         ids_file = out.with_name(out.name + "_ids.jsonl")
+        have_ids = {json.loads(line)["sample"] for line in ids_file.open()} if ids_file.exists() else set()
         out.parent.mkdir(parents=True, exist_ok=True)
         with jsonl.open("a") as sink, ids_file.open("a") as ids_sink:
             for sample in samples:
-                if sample.id in done:
+                todo = [s for s in settings if (sample.id, s) not in done]
+                if not todo:
                     continue
                 started = time.perf_counter()
-                ctx_ids, q_tails = run_sample(llm, sample, cells, settings, args.max_new_tokens, sink, meta)
+                ctx_ids, q_tails = run_sample(llm, sample, cells, todo, args.max_new_tokens, sink, meta)
                 answers = [q["answers"] for q in sample.metadata.get("questions", [])] or [sample.answers]
-                ids_sink.write(
-                    json.dumps(
-                        {"sample": sample.id, "context": ctx_ids, "questions": q_tails, "answers": answers}
+                if sample.id not in have_ids:
+                    ids_sink.write(
+                        json.dumps(
+                            {
+                                "sample": sample.id,
+                                "context": ctx_ids,
+                                "questions": q_tails,
+                                "answers": answers,
+                            }
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
-                ids_sink.flush()
+                    ids_sink.flush()
                 print(f"{sample.id}: {time.perf_counter() - started:.0f}s", flush=True)
         if args.kvpress_python:
             subprocess.run(
@@ -227,6 +247,33 @@ def main() -> None:
                 check=True,
             )
     report(out, jsonl, command())
+
+
+def targets(summary: list[dict]) -> list[str]:
+    """The issue's targets, stated per cell: query-agnostic kvzip as a share of the same library's full
+    cache at 4x and 8x, and each longserve cell against kvpress's cell of the same method."""
+    by = {(s["task"], s["setting"], s["library"], s["method"], s["ratio"]): s for s in summary}
+    lines = ["## Targets", ""]
+    for (tsk, setting, lib, method, ratio), s in sorted(by.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        full = by.get((tsk, setting, lib, "full", 1.0))
+        if method == "kvzip" and setting == "query_agnostic" and ratio in (0.25, 0.125) and full:
+            goal = 0.95 if ratio == 0.25 else 0.90
+            share = s["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+            verdict = "met" if share >= goal else "missed"
+            lines.append(
+                f"- {tsk}, {lib} kvzip keep {ratio:g}: {s['correct']}/{s['n']} vs full {full['correct']}/"
+                f"{full['n']} = {share:.0%} of full (target {goal:.0%}): {verdict}"
+            )
+    for (tsk, setting, lib, method, ratio), s in sorted(by.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        other = by.get((tsk, setting, "kvpress", method, ratio))
+        if lib != "longserve" or other is None or method == "full":
+            continue
+        sign = ">=" if s["accuracy"] >= other["accuracy"] else "<"
+        lines.append(
+            f"- {tsk}, {setting}, {method} keep {ratio:g}: longserve {s['correct']}/{s['n']} {sign} kvpress "
+            f"{other['correct']}/{other['n']}"
+        )
+    return lines + [""] if len(lines) > 2 else []
 
 
 def report(out: Path, jsonl: Path, cmd: str) -> None:
@@ -264,6 +311,10 @@ def report(out: Path, jsonl: Path, cmd: str) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     ratios = sorted({s["ratio"] for s in summary if s["method"] != "full"}, reverse=True)
+    loads = [r["load1"] for r in rows if r.get("load1") is not None]
+    load_line = (
+        f"Load average (1 min) while rows were written: {min(loads):.1f}-{max(loads):.1f}." if loads else ""
+    )
     lines = [
         f"# Natural-text needles: accuracy vs kept fraction, {model}, {length}-token contexts",
         "",
@@ -272,6 +323,11 @@ def report(out: Path, jsonl: Path, cmd: str) -> None:
         "chat template, greedy answers; correct = every expected value in the answer. Cells: correct/n.",
         "Query-agnostic: the context is compressed before the question; multi-key asks 4 questions of one",
         "compressed context (n counts questions). `+ada` = head-level budgets (AdaKV wrapper, no floor).",
+        load_line,
+        "",
+        "Runs that wrote the rows:",
+        "",
+        *[f"- `{c}`" for c in sorted({r["command"] for r in rows if r.get("command")})],
         "",
     ]
     for tsk in sorted({s["task"] for s in summary}):
@@ -301,6 +357,7 @@ def report(out: Path, jsonl: Path, cmd: str) -> None:
                     + " |"
                 )
             lines.append("")
+    lines += targets(summary)
     write_result(out, {"meta": meta, "summary": summary}, "\n".join(lines))
     panels = sorted({(s["task"], s["setting"]) for s in summary})
     if not panels:

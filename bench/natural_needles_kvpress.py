@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +45,8 @@ def press_for(method: str, ratio: float):
     return {
         "snapkv": lambda: SnapKVPress(compression_ratio=drop),
         "kvzip": lambda: KVzipPress(compression_ratio=drop),
+        # uniform per-layer budgets (one top-k over the heads of each layer), as longserve's kvzip+ada
+        "kvzip_layerwise": lambda: KVzipPress(compression_ratio=drop, layerwise=True),
         "expected_attention": lambda: ExpectedAttentionPress(compression_ratio=drop),
         "knorm": lambda: KnormPress(compression_ratio=drop),
     }[method]()
@@ -86,12 +91,15 @@ def main() -> None:
     ap.add_argument("--methods", default="kvzip,snapkv,expected_attention,knorm")
     ap.add_argument("--samples", type=int, default=None, help="only the first N samples of the ids file")
     ap.add_argument("--max-new-tokens", type=int, default=28)
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype (longserve's default is bfloat16)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
     path = patched_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+    ).eval()
     eos = {
         tokenizer.eos_token_id,
         *(
@@ -140,6 +148,9 @@ def main() -> None:
                             "prediction": text,
                             "correct": all(a in text for a in answers),
                             "kv_bytes": kv_bytes,  # KVzip masks pruned keys in place: its bytes stay full
+                            "dtype": args.dtype,
+                            "load1": os.getloadavg()[0],
+                            "command": "/tmp/kvpress-venv/bin/python " + shlex.join(sys.argv),
                         }
                     )
                 for row in rows:

@@ -192,3 +192,57 @@ def test_scores_only_from_the_pass(llm):
     with pytest.raises(InvalidParameterError, match="tokenizer"):
         KVzipPolicy(budget=6).scoring_pass([1, 2, 3], None)
     assert isinstance(make_policy("kvzip", budget=8, head_adaptive=True), AdaKVPolicy)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_scoring_backend_in_the_model_dtype(llm, dtype, tol):
+    """One layer of the pass on random peaky q/k/v in fp32 and bf16: the output is attention over
+    (prompt + the pass tokens, causal), the scores the definition computed in fp64 from the same
+    values. bf16 finds each entry's best query with a bf16 matmul, then rescores it in fp32: the
+    scores stay within a small relative error (the first version's bf16 logits were ~6% off)."""
+    from longserve.kv.policies import ScoringChunk
+    from longserve.kv.scoring_pass import ScoringBackend
+
+    args = llm.loaded.args
+    hkv, hq, d, n, t = args.n_kv_heads, args.n_heads, args.head_dim, 70, 40
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: (torch.randn(*shape, generator=gen) * 2.5).to(dtype)  # noqa: E731
+    pool = KVPool(args, 1, n, dtype=dtype)
+    slot = pool.allocate(FullPolicy())
+    backend = PrefillBackend(pool, slot, torch.arange(n), final=False)
+    for layer in range(args.n_layers):
+        backend.attend(layer, rand(1, hq, n, d), rand(1, hkv, n, d), rand(1, hkv, n, d))
+    backend.finish()
+    chunk = ScoringChunk(list(range(t)), 10, 60, n_sink=4)
+    scores = [torch.zeros(hkv, n) for _ in range(args.n_layers)]
+    q, k, v = rand(1, hq, t, d), rand(1, hkv, t, d), rand(1, hkv, t, d)
+    positions = torch.arange(n, n + t)
+    out = ScoringBackend((pool, slot), (pool, slot), chunk, positions, scores, query_block=16).attend(
+        0, q, k, v
+    )
+    pk, pv, _ = pool.layer_entries(0, slot)
+    keys = torch.cat([pk, k[0]], 1).double().repeat_interleave(hq // hkv, 0)
+    values = torch.cat([pv, v[0]], 1).double().repeat_interleave(hq // hkv, 0)
+    logits = q[0].double() @ keys.transpose(1, 2) * args.scaling  # [Hq, T, n + T]
+    causal = torch.cat([torch.ones(t, n), torch.ones(t, t).tril()], 1).bool()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(out[0].double(), logits.softmax(-1) @ values, atol=tol, rtol=tol)
+    cols = [*range(4), *range(10, 60), *range(n, n + t)]
+    probs = logits[..., cols].softmax(-1)[..., 4:54].reshape(hkv, -1, 50)
+    want = probs.amax(1).float()
+    torch.testing.assert_close(scores[0][:, 10:60], want, atol=1e-6, rtol=tol)
+    assert (scores[0][:, :10] == 0).all() and (scores[0][:, 60:] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_lse_math_path_matches_the_fused_kernel(causal):
+    """The blocked fp32 path other devices take (the flash-for-CPU kernel is CPU-only) gives the
+    fused kernel's output and log-sum-exp."""
+    from longserve.kv.scoring_pass import attention_lse
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, h, 30, 16, generator=gen) * 2 for h in (4, 2, 2))
+    fused = attention_lse(q, k, v, causal, 0.25, 7, fused=True)
+    math = attention_lse(q, k, v, causal, 0.25, 7, fused=False)
+    for got, want in zip(math, fused, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
