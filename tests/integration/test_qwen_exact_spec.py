@@ -3,13 +3,10 @@ decoding. Without row-invariant one-token steps about half of the verified rows 
 in a logit on this model, which flips near-tie greedy tokens."""
 
 import pytest
-import torch
 
-from longserve.engine.sampler import SamplingParams
-from longserve.kv.policies import make_policy
 from longserve.llm import LLM
 from longserve.spec import SpeculativeDecoder
-from longserve.spec.rollback import SpeculativeSlot
+from tests.spec.helpers import assert_verify_is_plain_decoding
 
 pytestmark = pytest.mark.integration
 
@@ -29,22 +26,7 @@ def code_prompt(llm: LLM, task: str) -> list[int]:
 
 def test_verified_rows_are_the_bits_of_plain_decoding(llm):
     ids = code_prompt(llm, "Write a Python function that returns the n-th Fibonacci number.")
-    engine = llm.engine(1, len(ids) + 64)
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=40, ignore_eos=True), make_policy("full"))
-    engine.scheduler.admit()
-    with torch.inference_mode():
-        token = int(engine.runner.prefill(seq, len(ids)).argmax())
-        slot = SpeculativeSlot(llm.loaded.model, engine.pool, seq.slot)
-        for _ in range(2):
-            tokens, sequential = [token], []
-            for _ in range(4):
-                sequential.append(slot.forward([tokens[-1]])[0])
-                tokens.append(int(sequential[-1].argmax()))
-            slot.commit(0)
-            block = slot.forward(tokens[:4])
-            assert all(torch.equal(block[i], sequential[i]) for i in range(4))
-            slot.commit(4)
-            token = tokens[4]
+    assert_verify_is_plain_decoding(llm, ids, rounds=2, k=4)
 
 
 def test_self_speculation_reproduces_target_greedy(llm):

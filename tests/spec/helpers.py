@@ -8,8 +8,10 @@ import functools
 import torch
 
 from longserve.engine.sampler import SamplingParams
+from longserve.kv.policies import make_policy
 from longserve.llm import LLM
 from longserve.loader import LoadedModel
+from longserve.spec.rollback import SpeculativeSlot
 from tests.tiny import tiny_loaded
 
 
@@ -45,3 +47,27 @@ def plain_run(target: LLM, ids: list[int], n: int, policy, stop: list[str] | Non
 
 def plain_greedy(target: LLM, ids: list[int], n: int, policy) -> list[int]:
     return plain_run(target, ids, n, policy).output_ids
+
+
+@torch.inference_mode()
+def assert_verify_is_plain_decoding(target: LLM, ids: list[int], rounds: int, k: int) -> None:
+    """Greedy from `ids`: each round decodes `k` tokens one by one, rolls them back, verifies the same
+    tokens as one block, and asserts the block's logits are the bits of the one-by-one logits."""
+    engine = target.engine(1, len(ids) + rounds * k + 8)
+    seq = engine.add_request(
+        ids, SamplingParams(max_new_tokens=rounds * k + 4, ignore_eos=True), make_policy("full")
+    )
+    engine.scheduler.admit()
+    token = int(engine.runner.prefill(seq, len(ids)).argmax())
+    slot = SpeculativeSlot(target.loaded.model, engine.pool, seq.slot)
+    assert slot.exact
+    for _ in range(rounds):
+        tokens, sequential = [token], []
+        for _ in range(k):
+            sequential.append(slot.forward([tokens[-1]])[0])
+            tokens.append(int(sequential[-1].argmax()))
+        slot.commit(0)
+        block = slot.forward(tokens[:k])
+        assert all(torch.equal(block[i], sequential[i]) for i in range(k))
+        slot.commit(k)
+        token = tokens[k]

@@ -9,12 +9,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from longserve.engine.sampler import SamplingParams
 from longserve.kv.policies import make_policy
 from longserve.llm import LLM
 from longserve.spec import SpeculativeDecoder
-from longserve.spec.rollback import SpeculativeSlot
-from tests.spec.helpers import plain_greedy, prompt
+from tests.spec.helpers import assert_verify_is_plain_decoding, plain_greedy, prompt
 from tests.tiny import tiny_loaded
 
 
@@ -54,29 +52,7 @@ def test_bf16_models_are_row_invariant_and_fp32_models_are_not():
 
 
 def test_verified_block_logits_are_the_bits_of_sequential_decoding():
-    llm = wide_bf16()
-    with torch.inference_mode():
-        check_blocks(llm)
-
-
-def check_blocks(llm: LLM) -> None:
-    ids = prompt(1, 40)
-    engine = llm.engine(1, 128)
-    seq = engine.add_request(ids, SamplingParams(max_new_tokens=64, ignore_eos=True), make_policy("full"))
-    engine.scheduler.admit()
-    token = int(engine.runner.prefill(seq, len(ids)).argmax())
-    slot = SpeculativeSlot(llm.loaded.model, engine.pool, seq.slot)
-    assert slot.exact
-    for _ in range(4):
-        tokens, sequential = [token], []
-        for _ in range(5):
-            sequential.append(slot.forward([tokens[-1]])[0])
-            tokens.append(int(sequential[-1].argmax()))
-        slot.commit(0)
-        block = slot.forward(tokens[:5])
-        assert all(torch.equal(block[i], sequential[i]) for i in range(5))
-        slot.commit(5)
-        token = tokens[5]
+    assert_verify_is_plain_decoding(wide_bf16(), prompt(1, 40), rounds=4, k=5)
 
 
 def test_bf16_speculative_greedy_output_is_the_targets():
