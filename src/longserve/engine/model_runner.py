@@ -50,6 +50,11 @@ class ModelRunner:
         """(pool, slot) of the uncompressed prompt prefix a chunked compressing prefill has staged."""
         return self.staging.get(seq.seq_id)
 
+    def runs_scoring_pass(self, seq: Sequence, n_tokens: int) -> bool:
+        """Whether this chunk is the final one of a prompt whose policy scores it in a pass first."""
+        final = seq.prefilled + n_tokens == seq.prompt_len
+        return final and seq.prompt_len > 1 and self.needs_staging(seq) and seq.policy.has_scoring_pass
+
     @torch.inference_mode()
     def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor | None:
         """Run the next `n_tokens` of the prompt; returns the last logits once the prompt is done.
@@ -59,7 +64,7 @@ class ModelRunner:
         keeps with the pass's scores (the normal final chunk: positions and book-keeping as usual)."""
         start, end = seq.prefilled, seq.prefilled + n_tokens
         final = end == seq.prompt_len
-        if not (final and seq.prompt_len > 1 and self.needs_staging(seq)):
+        if not self.runs_scoring_pass(seq, n_tokens):
             return self._run(seq, start, end, final)
         chunks = seq.policy.scoring_pass(seq.prompt_ids[:-1], self.tokenizer)
         if chunks is None:
@@ -135,11 +140,7 @@ class ModelRunner:
         batches do, which is what a step of short suffixes on cached prefixes needs. Each linear's rows
         do not depend on the row count, so a chunk gets the bits it would get alone. A chunk whose
         policy runs a scoring pass goes alone (`prefill`)."""
-        alone = [
-            (s, n)
-            for s, n in chunks
-            if s.policy.has_scoring_pass and s.prefilled + n == s.prompt_len and self.needs_staging(s)
-        ]
+        alone = [(s, n) for s, n in chunks if self.runs_scoring_pass(s, n)]
         alone_ids = {s.seq_id for s, _ in alone}
         together = [(s, n) for s, n in chunks if s.seq_id not in alone_ids]
         results = {s.seq_id: self.prefill(s, n) for s, n in alone}
