@@ -18,9 +18,9 @@ def _human(n: float) -> str:
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
-    from longserve.kv.policies import REGISTRY
+    from longserve.kv.policies import ALIASES, REGISTRY
 
-    p.add_argument("--kv-policy", default="full", help=f"one of: {', '.join(REGISTRY)}")
+    p.add_argument("--kv-policy", default="full", help=f"one of: {', '.join([*REGISTRY, *ALIASES])}")
     p.add_argument("--kv-budget", type=int, help="tokens kept per sequence (sinks + selected + window)")
     p.add_argument("--kv-ratio", type=float, help="fraction of the prompt kept, in (0, 1]")
     p.add_argument("--kv-window", type=int, help="recent tokens always kept (policy default otherwise)")
@@ -28,6 +28,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
         "--kv-head-adaptive",
         action="store_true",
         help="AdaKV: one top-k over each layer's heads (same bytes; heads keep different counts)",
+    )
+    p.add_argument(
+        "--kv-layer-budgets",
+        help="uniform (default), global (one top-k over all layers: kvzip) or pyramid (more in lower "
+        "layers): the same total bytes, layers keep different counts",
     )
 
 
@@ -37,6 +42,8 @@ def policy_kwargs(args) -> dict:
         out["window"] = args.kv_window
     if args.kv_head_adaptive:
         out["head_adaptive"] = True
+    if args.kv_layer_budgets:
+        out["layer_budgets"] = args.kv_layer_budgets
     return out
 
 

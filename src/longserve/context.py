@@ -38,6 +38,11 @@ class CompressedContext:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
 
+    def layer_shift(self, layer_windows: list[int]) -> tuple[int, ...] | None:
+        """Per layer, tokens fewer than `fill` a global layer holds (per-layer budgets); None: none."""
+        shift = tuple(0 if w else k.shape[1] - self.fill for k, w in zip(self.keys, layer_windows, strict=True))
+        return shift if any(shift) else None
+
     @classmethod
     def from_slot(
         cls, pool: KVPool, slot: int, fingerprint: str, policy: dict, n_tokens: int, copy: bool = True
@@ -50,8 +55,9 @@ class CompressedContext:
                 raise InvalidParameterError(
                     "head-adaptive contexts of sliding-window models cannot be stored"
                 )
-            shape = (pool.args.n_kv_heads, state.fill)
+            hkv = pool.args.n_kv_heads
             entries = [pool.flat_entries(layer, slot) for layer in range(pool.args.n_layers)]
+            shapes = [(hkv, len(p) // hkv) for _, _, p, _ in entries]  # layers may differ (per-layer budgets)
             return cls(
                 fingerprint,
                 policy,
@@ -59,10 +65,10 @@ class CompressedContext:
                 state.next_pos,
                 state.written,
                 state.fill,
-                [k.reshape(*shape, -1).clone() for k, _, _, _ in entries],
-                [v.reshape(*shape, -1).clone() for _, v, _, _ in entries],
-                [p.reshape(shape).clone() for _, _, p, _ in entries],
-                heads=[h.reshape(shape).clone() for _, _, _, h in entries],
+                [k.reshape(*sh, -1).clone() for (k, _, _, _), sh in zip(entries, shapes, strict=True)],
+                [v.reshape(*sh, -1).clone() for (_, v, _, _), sh in zip(entries, shapes, strict=True)],
+                [p.reshape(sh).clone() for (_, _, p, _), sh in zip(entries, shapes, strict=True)],
+                heads=[h.reshape(sh).clone() for (_, _, _, h), sh in zip(entries, shapes, strict=True)],
             )
         entries = [pool.layer_entries(layer, slot) for layer in range(pool.args.n_layers)]
         return cls(
@@ -89,7 +95,14 @@ class CompressedContext:
             pool.k[layer][slot, :, :n] = k
             pool.v[layer][slot, :, :n] = v
             pool.pos[layer][slot, :, :n] = p
-        pool.commit_loaded(slot, self.fill, self.written, self.next_pos, flat=self.heads is not None)
+        pool.commit_loaded(
+            slot,
+            self.fill,
+            self.written,
+            self.next_pos,
+            flat=self.heads is not None,
+            layer_shift=self.layer_shift(pool.args.layer_windows),
+        )
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

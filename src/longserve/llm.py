@@ -180,9 +180,16 @@ class LLM:
         return make_policy(kv_policy or name, budget=kv_budget or budget, ratio=kv_ratio or ratio, **merged)
 
     # ---- generation ----------------------------------------------------------------------------
-    def engine(self, n_slots: int, capacity: int, max_step_tokens: int | None = None) -> LLMEngine:
+    def engine(
+        self,
+        n_slots: int,
+        capacity: int,
+        max_step_tokens: int | None = None,
+        layer_shift: tuple[int, ...] | None = None,
+    ) -> LLMEngine:
         """A fresh engine over this model: `n_slots` KV slots of `capacity` tokens each (the server, the
-        speculative decoder and the benchmarks drive one directly)."""
+        speculative decoder and the benchmarks drive one directly); `layer_shift`: per layer, entries
+        fewer a global layer stores (sized for one layer-adaptive context, see `KVPool`)."""
         return LLMEngine(
             self.loaded,
             n_slots,
@@ -194,6 +201,7 @@ class LLM:
             prefix_cache=self.prefix_cache,
             device=self.device,
             compiler=self.compiler,
+            layer_shift=layer_shift,
         )
 
     def request(
@@ -280,7 +288,8 @@ class LLM:
             return
         ids = self.encode_any(prompt)
         capacity = policy.capacity(len(ids), params.max_new_tokens) + (prefix.fill if prefix else 0)
-        engine = self.engine(1, capacity)
+        shift = prefix.layer_shift(self.loaded.args.layer_windows) if prefix is not None else None
+        engine = self.engine(1, capacity, layer_shift=shift)  # each layer sized to what it holds
         engine.add_request(ids, params, policy, prefix=prefix)
         while engine.has_unfinished():
             yield from engine.step()

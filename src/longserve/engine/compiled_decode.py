@@ -33,6 +33,7 @@ def eligible(plan: DecodePlan) -> bool:
         and not plan.sparse_rows
         and not plan.flat_rows
         and plan.evict_rows is None
+        and plan.layer_shift is None  # per-layer budgets: each layer writes and reads at its own offset
         and all(s.policy.decode.fixed_size and not s.policy.decode.accumulates_scores for s in plan.states)
     )
 

@@ -51,6 +51,7 @@ class LLMEngine:
         prefix_cache: PrefixCache | None = None,
         device: torch.device | str | None = None,
         compiler: StepCompiler | None = None,
+        layer_shift: tuple[int, ...] | None = None,
     ):
         """`device`: where the KV pool and every step tensor live (default: the model's weights').
         `compiler`: compiled decode steps for fixed-size policies (`LLM(compile=True)`), shared by the
@@ -58,7 +59,9 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         device = device if device is not None else next(loaded.model.parameters()).device
-        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens=max_tokens, dtype=dtype, device=device)
+        self.pool = KVPool(
+            loaded.args, n_slots, capacity, max_tokens, dtype, device, layer_shift=layer_shift
+        )
         self.runner = ModelRunner(loaded.model, self.pool, compiler, tokenizer=loaded.tokenizer)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -105,7 +108,7 @@ class LLMEngine:
             raise InvalidParameterError(
                 f"cache_prefix covers {spec.n_tokens} of the prompt's {prompt_len} tokens; it must leave at least one"
             )
-        shape = _PrefixShape(next_pos=spec.n_tokens, fill=spec.policy.kept(spec.n_tokens))
+        shape = _PrefixShape(next_pos=spec.n_tokens, fill=spec.policy.max_kept(spec.n_tokens))
         self.check(prompt_len - spec.n_tokens, params, policy, prefix=shape)
 
     def add_request(

@@ -93,12 +93,13 @@ def _budget(text: str, spec: str) -> tuple[int | None, float | None]:
 
 def parse_policy_spec(spec: str) -> PolicySpec:
     """`NAME[@BUDGET][:KEY=VALUE...]` for a registered KV policy."""
-    from longserve.kv.policies import REGISTRY
+    from longserve.kv.policies import ALIASES, REGISTRY
 
     head, *options = spec.strip().split(":")
     name, _, budget_text = head.partition("@")
-    if name not in REGISTRY:
-        raise InvalidParameterError(f"unknown kv policy {name!r} in {spec!r}; known: {', '.join(REGISTRY)}")
+    if name not in REGISTRY and name not in ALIASES:
+        known = ", ".join([*REGISTRY, *ALIASES])
+        raise InvalidParameterError(f"unknown kv policy {name!r} in {spec!r}; known: {known}")
     budget, ratio = _budget(budget_text, spec) if budget_text else (None, None)
     kwargs = {}
     for option in options:

@@ -52,7 +52,7 @@ class PrefillBackend:
         `inv_freq`: per layer, RoPE inverse frequencies for scorers that rotate (expected attention)."""
         self.pool, self.slot, self.seed, self.pass_scores = pool, slot, seed, pass_scores
         self.inv_freq = inv_freq
-        self.plan = pool.plan_prefill(slot, positions, final, staging, compress)
+        self.plan = pool.plan_prefill(slot, positions, final, staging, compress, pass_scores)
         self.positions = self.plan.positions
         self.src_pool, self.src_slot = self.plan.src_pool, self.plan.src_slot
 
@@ -89,10 +89,12 @@ class PrefillBackend:
             raise RuntimeError("a head-adaptive cache cannot be compressed a second time")
         pk, pv, _, ph = pool.flat_entries(layer, slot)
         out = kernels.flat_chunk_attention(q, k, v, pk, pv, ph, args.scaling)
-        if plan.new_fill > pool.layer_capacity[layer]:
-            raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {plan.new_fill} tokens")
+        shift = pool.layer_len(layer, slot) - plan.prefix_fill  # < 0 in the emptier layers of a layer-adaptive slot
+        if plan.new_fill + shift > pool.layer_capacity[layer]:
+            raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {plan.new_fill + shift} tokens")
         fk, fv, fpos, fheads = pool.flat_view(layer, slot)
-        new = slice(plan.prefix_fill * hkv, plan.new_fill * hkv)  # token-major: all heads of a token together
+        # token-major: all heads of a token together
+        new = slice((plan.prefix_fill + shift) * hkv, (plan.new_fill + shift) * hkv)
         fk[new] = k[0].transpose(0, 1).reshape(-1, d)
         fv[new] = v[0].transpose(0, 1).reshape(-1, d)
         fpos[new] = self.positions.repeat_interleave(hkv)
@@ -119,7 +121,12 @@ class PrefillBackend:
         policy = self.pool.slots[self.slot].policy
         pool, slot = (self.pool, self.slot) if plan.into_slot else (self.src_pool, self.src_slot)
         total = keys.shape[1]
-        n_keep = policy.kept(total) if plan.final else total
+        if not plan.final:
+            n_keep = total
+        elif plan.layer_keep is not None:
+            n_keep = plan.layer_keep[layer]
+        else:
+            n_keep = policy.kept(total)
         needs_scores = policy.decode.accumulates_scores
         scores = None
         if n_keep < total or needs_scores:
@@ -137,9 +144,10 @@ class PrefillBackend:
             if needs_scores:
                 scores = policy.score(inputs).float().expand(keys.shape[0], total)
                 scores = _gather(scores, keep) if n_keep < total else scores
-        if n_keep > pool.capacity:
-            raise RuntimeError(f"slot capacity {pool.capacity} < {n_keep} kept tokens")
-        start = 0 if (n_keep < total or pool is not self.src_pool) else plan.prefix_fill
+        if n_keep > pool.layer_capacity[layer]:
+            raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {n_keep} kept tokens")
+        # appending in place: only the chunk's own tokens are new (the layer's prefix is already there)
+        start = 0 if (n_keep < total or pool is not self.src_pool) else total - q.shape[1]
         new, src = slice(start, n_keep), slice(start, None)
         pool.k[layer][slot, :, new] = keys[:, src]
         pool.v[layer][slot, :, new] = values[:, src]
@@ -240,7 +248,7 @@ class DecodeBackend:
         if flat:
             out = out.clone()
             for row in plan.flat_rows:
-                out[row] = self._attend_flat(layer, plan.slots[row], qg[row], plan.global_rows[row])
+                out[row] = self._attend_flat(layer, plan.slots[row], qg[row], valid_rows[row])
         return out.view(b, hq, 1, d)
 
     def _attend_flat(self, layer: int, slot: int, qg: torch.Tensor, fill: int) -> torch.Tensor:

@@ -12,6 +12,11 @@ Sliding-window layers (Gemma3, Mistral) are never compressed: they keep a ring o
 Head-adaptive slots (AdaKV) keep a different number of tokens per KV head. Their global layers use
 the same bytes, read as one flat list of `capacity * kv_heads` entries, each tagged with its head
 (`heads`); attention masks by that tag. `fill` still counts tokens: `fill * kv_heads` entries.
+
+Layer-adaptive slots (`LayerBudgetPolicy`) keep a different count per global layer: `fill` is the
+fullest layer's, and layer `l` holds `fill + layer_shift[l]` (shift <= 0, fixed once the prompt is
+compressed; every later token lands at the same shift). A pool built with `layer_shift` gives each
+global layer exactly that much less storage, so a one-context engine holds only what it keeps.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class SlotState:
     peak_fill: int = 0
     bytes_read: int = 0  # K/V bytes read by attention during decode (Quest saves these)
     flat: bool = False  # global layers hold a head-adaptive flat layout (see the module docstring)
+    layer_shift: tuple[int, ...] | None = None  # per layer: its fill minus `fill` (layer-adaptive slots)
     stats: dict = field(default_factory=dict)
 
 
@@ -54,13 +60,23 @@ class KVPool:
         max_tokens: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        layer_shift: list[int] | tuple[int, ...] | None = None,
     ):
+        """`layer_shift`: per layer, entries fewer than `capacity` a global layer stores (<= 0): the
+        shifts of the layer-adaptive context this pool is built to hold."""
         if n_slots <= 0 or capacity <= 0:
             raise InvalidParameterError("a KV pool needs at least one slot of capacity >= 1")
         self.args, self.n_slots, self.capacity, self.dtype = args, n_slots, capacity, dtype
         self.device = device = torch.device(device)
         max_tokens = max_tokens or capacity
-        self.layer_capacity = [min(w, max_tokens) if w else capacity for w in args.layer_windows]
+        shift = layer_shift or [0] * args.n_layers
+        if len(shift) != args.n_layers or any(s > 0 or capacity + s < 1 for s in shift):
+            raise InvalidParameterError(f"bad layer_shift {list(shift)} for capacity {capacity}")
+        self.layer_shift = None if not any(shift) else tuple(shift)
+        self.layer_capacity = [
+            min(w, max_tokens) if w else capacity + s for w, s in zip(args.layer_windows, shift, strict=True)
+        ]
+        self.global_layers = [layer for layer, w in enumerate(args.layer_windows) if not w]
         shape = (n_slots, args.n_kv_heads)
         # zeros, not empty: masked-out entries still meet V in `probs @ V`, and 0 * NaN garbage is NaN
         self.k = [
@@ -107,15 +123,28 @@ class KVPool:
         final: bool = True,
         staging: tuple[KVPool, int] | None = None,
         compress: bool = True,
+        pass_scores: list[torch.Tensor | None] | None = None,
     ) -> PrefillPlan:
-        """Plan `len(positions)` new tokens on top of what the slot (or its staging slot) holds."""
+        """Plan `len(positions)` new tokens on top of what the slot (or its staging slot) holds
+        (`pass_scores`: the policy's scoring-pass scores, which per-layer budgets may split by)."""
         state = self.slots[slot]
         src_pool, src_slot = staging or (self, slot)
         prefix_fill = src_pool.slots[src_slot].fill
         total = prefix_fill + len(positions)
         final_c = final and compress
         flat_prefix = staging is None and state.flat
-        new_fill = state.policy.kept(total) if final_c and not flat_prefix else total
+        layer_keep = None
+        if final_c and src_pool.slots[src_slot].layer_shift is not None and state.policy.kept(total) < total:
+            raise InvalidParameterError(
+                "a context compressed with per-layer budgets cannot be compressed again; "
+                "continue it under 'full'"
+            )
+        if final_c and not flat_prefix:
+            layer_keep = state.policy.layer_kept(total, self.global_layers, pass_scores)
+        if layer_keep is not None:
+            new_fill = max(layer_keep.values())
+        else:
+            new_fill = state.policy.kept(total) if final_c and not flat_prefix else total
         return PrefillPlan(
             slot,
             positions.to(self.device),
@@ -129,6 +158,7 @@ class KVPool:
             flat_prefix,
             final_c and not flat_prefix and state.policy.head_adaptive and new_fill < total,
             int(positions[-1]) + 1,
+            layer_keep,
         )
 
     def plan_decode(self, slots: list[int]) -> DecodePlan:
@@ -186,7 +216,16 @@ class KVPool:
             sliding_rows=[s.written - 1 for s in states],
             states=states,
             bytes_read=held,
+            layer_shift=self._shift_rows(states),
         )
+
+    def _shift_rows(self, states: list[SlotState]) -> tuple[torch.Tensor, list[tuple[int, ...]]] | None:
+        """Per row, each layer's entry shift ([B, layers] tensor + host rows); None: no row has any."""
+        if all(s.layer_shift is None for s in states):
+            return None
+        zero = (0,) * self.args.n_layers
+        rows = [s.layer_shift or zero for s in states]
+        return torch.tensor(rows, dtype=torch.long, device=self.device), rows
 
     def write_index(self, plan: DecodePlan, layer: int) -> torch.Tensor:
         """[B, Hkv] entry each row's new token goes to in one layer (evicting rows: the lowest-scored
@@ -195,6 +234,8 @@ class KVPool:
         if self.args.layer_windows[layer]:
             return (plan.sliding_written % self.layer_capacity[layer])[:, None].expand(b, h)
         index = plan.global_idx[:, None].expand(b, h).clone()
+        if plan.layer_shift is not None:
+            index += plan.layer_shift[0][:, layer, None]
         if plan.evict_rows is not None:
             rows = plan.evict_rows
             slots = plan.slot_index[rows]
@@ -223,17 +264,29 @@ class KVPool:
             return
         state.fill = plan.new_fill
         state.flat = state.flat or plan.made_flat
+        if plan.layer_keep is not None:
+            shift = [plan.layer_keep.get(layer, plan.new_fill) - plan.new_fill for layer in range(len(self.k))]
+            state.layer_shift = tuple(shift) if any(shift) else None
         state.protected = state.policy.protected_prefix(state.fill)
         state.ring_next = 0
-        if state.policy.decode.fixed_size:  # a fixed-size policy never outgrows its budget
-            state.limit = min(self.capacity, state.policy.budget or state.fill)
+        if state.policy.decode.fixed_size:  # a fixed-size policy never outgrows its budget (its fullest layer's)
+            state.limit = min(self.capacity, max(state.policy.budget or 0, state.fill))
         state.peak_fill = max(state.peak_fill, state.fill)
 
-    def commit_loaded(self, slot: int, fill: int, written: int, next_pos: int, flat: bool) -> None:
+    def commit_loaded(
+        self,
+        slot: int,
+        fill: int,
+        written: int,
+        next_pos: int,
+        flat: bool,
+        layer_shift: tuple[int, ...] | None = None,
+    ) -> None:
         """Book-keeping of a slot whose entries were copied in (a stored compressed context): the loaded
         prefix is protected from the ring, like a compressed prompt's selection."""
         state = self.slots[slot]
         state.flat, state.fill, state.written, state.next_pos = flat, fill, written, next_pos
+        state.layer_shift = layer_shift
         state.protected = state.peak_fill = fill
 
     def ensure_scores(self) -> None:
@@ -259,9 +312,9 @@ class KVPool:
     def layer_len(self, layer: int, slot: int, state: SlotState | None = None) -> int:
         """Valid entries of a slot in one layer: a sliding layer's ring, else the shared fill."""
         state = state or self.slots[slot]
-        return (
-            min(state.written, self.layer_capacity[layer]) if self.args.layer_windows[layer] else state.fill
-        )
+        if self.args.layer_windows[layer]:
+            return min(state.written, self.layer_capacity[layer])
+        return state.fill + (state.layer_shift[layer] if state.layer_shift is not None else 0)
 
     def _held_tokens(self, slot: int, state: SlotState) -> int:
         return sum(self.layer_len(layer, slot, state) for layer in range(self.args.n_layers))
@@ -311,6 +364,7 @@ class KVPool:
     def flat_entries(
         self, layer: int, slot: int, fill: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The valid entries of a flat slot: `fill * kv_heads` of them (`fill`: a planned step's)."""
-        n = (self.slots[slot].fill if fill is None else fill) * self.args.n_kv_heads
+        """The valid entries of a flat slot in one layer: `tokens * kv_heads` of them (`fill`: the
+        layer's token count after a planned step; default: what it holds now)."""
+        n = (self.layer_len(layer, slot) if fill is None else fill) * self.args.n_kv_heads
         return tuple(t[:n] for t in self.flat_view(layer, slot))

@@ -33,6 +33,7 @@ class PrefillPlan:
     flat_prefix: bool  # the chunk appends on top of a head-adaptive slot
     made_flat: bool  # the policy's selection makes the slot head-adaptive
     next_pos: int
+    layer_keep: dict[int, int] | None = None  # per global layer: tokens kept (per-layer budgets)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class DecodePlan:
     sliding_rows: list[int]  # tokens written before this one per row (host copy of `sliding_written`)
     states: list[SlotState]  # book-keeping of each slot after the step
     bytes_read: list[int]  # per row: K/V bytes attention reads this step (sparse attention adjusts it)
+    # layer-adaptive rows: ([B, layers] entry shift of each layer, the same as host rows); None: none
+    layer_shift: tuple[torch.Tensor, list[tuple[int, ...]]] | None = None
 
     def valid(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, list[int]]:
         """Valid entries per row in one layer after the write: (device tensor [B], host list)."""
@@ -69,4 +72,9 @@ class DecodePlan:
             return torch.clamp(self.sliding_written + 1, max=cap), [
                 min(w + 1, cap) for w in self.sliding_rows
             ]
-        return self.global_valid, self.global_rows
+        if self.layer_shift is None:
+            return self.global_valid, self.global_rows
+        shift, rows = self.layer_shift
+        return self.global_valid + shift[:, layer], [
+            n + r[layer] for n, r in zip(self.global_rows, rows, strict=True)
+        ]

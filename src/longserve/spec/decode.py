@@ -185,10 +185,10 @@ class SpeculativeDecoder:
         `seq.is_finished`; iterating it does both. Its engines and slots stay inspectable."""
         params, policy = self.target.request(sampling, kv_policy, **options)
         draft_policy = policy if draft_kv_policy is None else self.draft.policy(draft_kv_policy)
-        if policy.head_adaptive or draft_policy.head_adaptive:
+        if any(p.head_adaptive or p.layer_adaptive for p in (policy, draft_policy)):
             raise InvalidParameterError(
-                "speculative decoding cannot roll back a head-adaptive KV cache; "
-                "use a uniform budget (head_adaptive=False)"
+                "speculative decoding cannot roll back a head- or layer-adaptive KV cache; "
+                "use a uniform budget (head_adaptive=False, layer_budgets='uniform')"
             )
         return SpeculativeRun(self, self.target.encode_any(prompt), params, policy, draft_policy)
 

@@ -10,6 +10,7 @@ from longserve.kv.policies.full import FullPolicy
 from longserve.kv.policies.h2o import H2OPolicy
 from longserve.kv.policies.knorm import KNormPolicy
 from longserve.kv.policies.kvzip import KVzipPolicy
+from longserve.kv.policies.layer_budgets import LayerBudgetPolicy
 from longserve.kv.policies.quest import QuestPolicy
 from longserve.kv.policies.random import RandomPolicy
 from longserve.kv.policies.sage import SagePolicy
@@ -38,6 +39,14 @@ REGISTRY: dict[str, type[Policy]] = {
 #: parameters (`AdaKVPolicy.options`) are taken from the same keywords.
 WRAPPERS: dict[str, type[PolicyWrapper]] = {
     "head_adaptive": AdaKVPolicy,
+    "layer_budgets": LayerBudgetPolicy,  # "global" / "pyramid"; "uniform" (or None) leaves it off
+}
+
+OFF = (None, False, "uniform")
+
+#: Names for a policy + wrapper combination the literature names on its own.
+ALIASES: dict[str, tuple[str, dict]] = {
+    "pyramidkv": ("snapkv", {"layer_budgets": "pyramid"}),  # PyramidKV = SnapKV scores, pyramid budgets
 }
 
 
@@ -45,11 +54,16 @@ def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
     """Build a policy by name; unknown keyword arguments and names are user errors."""
     if isinstance(name, Policy):
         return name
+    if name in ALIASES:
+        name, preset = ALIASES[name]
+        kwargs = {**preset, **kwargs}
     wrappers = []
     for flag, wrapper in WRAPPERS.items():
         if flag in kwargs:  # switched on or off: its options are its own, never the named policy's
             on, options = kwargs.pop(flag), {k: kwargs.pop(k) for k in wrapper.options if k in kwargs}
-            if on:
+            if on not in OFF:
+                if flag in wrapper.options:  # the keyword's value is the wrapper's own setting
+                    options[flag] = on
                 wrappers.append((wrapper, options))
     policy = _make_named(name, kwargs)
     for wrapper, options in wrappers:
@@ -60,7 +74,7 @@ def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
 def _make_named(name: str | None, kwargs: dict) -> Policy:
     name = name or "full"
     if name not in REGISTRY:
-        raise InvalidParameterError(f"unknown kv policy '{name}'; known: {', '.join(REGISTRY)}")
+        raise InvalidParameterError(f"unknown kv policy '{name}'; known: {', '.join([*REGISTRY, *ALIASES])}")
     cls = REGISTRY[name]
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not cls.compresses and name == "full":
@@ -73,12 +87,14 @@ def _make_named(name: str | None, kwargs: dict) -> Policy:
 
 
 __all__ = [
+    "ALIASES",
     "APPEND",
     "EVICT",
     "REGISTRY",
     "RING",
     "WRAPPERS",
     "AdaKVPolicy",
+    "LayerBudgetPolicy",
     "DecodeStrategy",
     "Policy",
     "PolicyWrapper",

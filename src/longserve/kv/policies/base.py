@@ -131,6 +131,7 @@ class Policy:
     compresses: ClassVar[bool] = True
     sparse_decode: ClassVar[bool] = False  # decode reads a query-selected subset of the cache (Quest)
     head_adaptive: ClassVar[bool] = False  # slots keep a flat (head, token) layout (AdaKV)
+    layer_adaptive: ClassVar[bool] = False  # layers keep different token counts (`LayerBudgetPolicy`)
     has_scoring_pass: ClassVar[bool] = False  # `scoring_pass` runs extra tokens over the prompt (KVzip)
 
     def __post_init__(self) -> None:
@@ -165,6 +166,17 @@ class Policy:
             return self.kept(prompt_len) + max_new_tokens
         fixed = self.budget if self.budget is not None else self.kept(prompt_len)
         return max(1, min(fixed, prompt_len + max_new_tokens))
+
+    def max_kept(self, prompt_len: int) -> int:
+        """Tokens the fullest layer keeps after prefill: `kept` unless budgets differ per layer."""
+        return self.kept(prompt_len)
+
+    def layer_kept(
+        self, prompt_len: int, layers: list[int], pass_scores: list[torch.Tensor | None] | None
+    ) -> dict[int, int] | None:
+        """Tokens each of `layers` (the global-attention layers) keeps after prefill, or None: every
+        layer keeps `kept(prompt_len)`."""
+        return None
 
     def protected_prefix(self, kept: int) -> int:
         """How many leading cache entries a ring never overwrites (sinks + selected middle)."""

@@ -41,11 +41,23 @@ class PolicyWrapper(Policy):
     def head_adaptive(self) -> bool:
         return self.policy.head_adaptive
 
+    @property
+    def layer_adaptive(self) -> bool:
+        return self.policy.layer_adaptive
+
     def kept(self, prompt_len: int) -> int:
         return self.policy.kept(prompt_len)
 
     def capacity(self, prompt_len: int, max_new_tokens: int) -> int:
         return self.policy.capacity(prompt_len, max_new_tokens)
+
+    def max_kept(self, prompt_len: int) -> int:
+        return self.policy.max_kept(prompt_len)
+
+    def layer_kept(
+        self, prompt_len: int, layers: list[int], pass_scores: list[torch.Tensor | None] | None
+    ) -> dict[int, int] | None:
+        return self.policy.layer_kept(prompt_len, layers, pass_scores)
 
     def protected_prefix(self, kept: int) -> int:
         return self.policy.protected_prefix(kept)
@@ -55,6 +67,9 @@ class PolicyWrapper(Policy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return self.policy.score(inputs)
+
+    def select_adaptive(self, inputs: ScoreInputs, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy.select_adaptive(inputs, n_keep)
 
     def describe(self) -> dict[str, Any]:
         return {**self.policy.describe(), **{k: getattr(self, k) for k in self.options}}
