@@ -40,7 +40,9 @@ class CompressedContext:
 
     def layer_shift(self, layer_windows: list[int]) -> tuple[int, ...] | None:
         """Per layer, tokens fewer than `fill` a global layer holds (per-layer budgets); None: none."""
-        shift = tuple(0 if w else k.shape[1] - self.fill for k, w in zip(self.keys, layer_windows, strict=True))
+        shift = tuple(
+            0 if w else k.shape[1] - self.fill for k, w in zip(self.keys, layer_windows, strict=True)
+        )
         return shift if any(shift) else None
 
     @classmethod

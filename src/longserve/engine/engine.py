@@ -59,9 +59,7 @@ class LLMEngine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         device = device if device is not None else next(loaded.model.parameters()).device
-        self.pool = KVPool(
-            loaded.args, n_slots, capacity, max_tokens, dtype, device, layer_shift=layer_shift
-        )
+        self.pool = KVPool(loaded.args, n_slots, capacity, max_tokens, dtype, device, layer_shift=layer_shift)
         self.runner = ModelRunner(loaded.model, self.pool, compiler, tokenizer=loaded.tokenizer)
         self.scheduler = Scheduler(self.pool, prefill_chunk=prefill_chunk, max_step_tokens=max_step_tokens)
         self.sequences: dict[str, Sequence] = {}

@@ -265,11 +265,15 @@ class KVPool:
         state.fill = plan.new_fill
         state.flat = state.flat or plan.made_flat
         if plan.layer_keep is not None:
-            shift = [plan.layer_keep.get(layer, plan.new_fill) - plan.new_fill for layer in range(len(self.k))]
+            shift = [
+                plan.layer_keep.get(layer, plan.new_fill) - plan.new_fill for layer in range(len(self.k))
+            ]
             state.layer_shift = tuple(shift) if any(shift) else None
         state.protected = state.policy.protected_prefix(state.fill)
         state.ring_next = 0
-        if state.policy.decode.fixed_size:  # a fixed-size policy never outgrows its budget (its fullest layer's)
+        if (
+            state.policy.decode.fixed_size
+        ):  # a fixed-size policy never outgrows its budget (its fullest layer's)
             state.limit = min(self.capacity, max(state.policy.budget or 0, state.fill))
         state.peak_fill = max(state.peak_fill, state.fill)
 
