@@ -39,8 +39,13 @@ TAIL = 48  # context tokens of the final chunk: SnapKV's 32-query window fits in
 
 
 def policy_for(method: str, ratio: float):
-    base, ada = method.removesuffix("+ada"), method.endswith("+ada")
-    extra = {"head_adaptive": True, "head_floor": 0.0} if ada else {}
+    """`kvzip`, `kvzip+ada` (head-level budgets, no floor), `kvzip+global` / `snapkv+pyramid`
+    (per-layer budgets), `kvzip+ada+global` (one threshold over all layers and heads, as kvpress)."""
+    base, *flags = method.split("+")
+    extra = {"head_adaptive": True, "head_floor": 0.0} if "ada" in flags else {}
+    for schedule in ("global", "pyramid"):
+        if schedule in flags:
+            extra["layer_budgets"] = schedule
     return make_policy(base, ratio=ratio, **extra)
 
 

@@ -79,6 +79,17 @@ def check_new_policy(block: str, ns: dict, printed: str) -> None:
     assert sizes == {budget.stats["kv_bytes_allocated"]}
 
 
+def check_layer_budgets(block: str, ns: dict, printed: str) -> None:
+    """Layers of the stored context hold different counts summing to the uniform 25%; it still answers."""
+    counts_text, nbytes, answer = re.fullmatch(r"\[(.*)\] (\d+)\n(.*)\n", printed, flags=re.S).groups()
+    counts = [int(c) for c in counts_text.split(",")]
+    llm, ctx = ns["llm"], ns["ctx"]
+    uniform = -(-ctx.n_context_tokens // 4)  # ceil(0.25 * tokens)
+    assert len(set(counts)) > 1 and sum(counts) == uniform * len(counts)
+    assert int(nbytes) == uniform * llm.loaded.args.kv_bytes_per_token(llm.dtype)
+    assert "526814" in answer, answer
+
+
 def check_compressed_prefix(block: str, ns: dict, printed: str) -> None:
     """The first question compresses the system turn, the second reuses it; the cache holds half of it."""
     (c1, p1, b1), (c2, p2, b2) = (map(int, line.split()) for line in printed.strip().splitlines())
@@ -90,7 +101,8 @@ def check_compressed_prefix(block: str, ns: dict, printed: str) -> None:
 
 #: Each example's check, found by a line that only that example has.
 CHECKS: dict[str, Callable[[str, dict, str], None]] = {
-    "head_adaptive=True": check_head_adaptive,
+    "kv_budget=256, head_adaptive=True": check_head_adaptive,
+    'layer_budgets="global", head_adaptive=True': check_layer_budgets,
     'kv_policy="snapstream", kv_budget=256)': check_python_api,
     "CompressedContext.load(": check_compress_once,
     "SamplingParams(max_new_tokens=8": check_sampling_params,
