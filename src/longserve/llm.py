@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
-from longserve.engine.compiled_decode import StepCompiler
+from longserve.engine.compiled_decode import StepCompiler, pool_capacity
 from longserve.engine.engine import LLMEngine, StepOutput
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
@@ -196,6 +196,14 @@ class LLM:
             compiler=self.compiler,
         )
 
+    def call_capacity(self, capacity: int, policy: Policy) -> int:
+        """Slot capacity of a per-call engine (`generate`, `stream`): with `compile` on and a growing
+        (append) policy, rounded up (`compiled_decode.pool_capacity`) so that calls of nearby sizes
+        share a compiled graph; a fixed-size policy's slot is its budget either way."""
+        if self.compiler is None or policy.decode.fixed_size:
+            return capacity
+        return pool_capacity(capacity, self.context_window)
+
     def request(
         self, sampling: SamplingParams | None = None, kv_policy: str | Policy | None = None, **options
     ) -> tuple[SamplingParams, Policy]:
@@ -243,7 +251,7 @@ class LLM:
             return [self.speculative.generate(p, params, policy) for p in batch]
         encoded = [self.encode_any(p) for p in batch]
         capacity = max(policy.capacity(len(ids), params.max_new_tokens) for ids in encoded)
-        engine = self.engine(min(len(batch), self.max_batch_size), capacity)
+        engine = self.engine(min(len(batch), self.max_batch_size), self.call_capacity(capacity, policy))
         prefixes = [
             None
             if cache_prefix is None
@@ -280,7 +288,7 @@ class LLM:
             return
         ids = self.encode_any(prompt)
         capacity = policy.capacity(len(ids), params.max_new_tokens) + (prefix.fill if prefix else 0)
-        engine = self.engine(1, capacity)
+        engine = self.engine(1, self.call_capacity(capacity, policy))
         engine.add_request(ids, params, policy, prefix=prefix)
         while engine.has_unfinished():
             yield from engine.step()
