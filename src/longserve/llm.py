@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
-from longserve.engine.compiled_decode import StepCompiler, pool_capacity
+from longserve.engine.compiled_decode import StepCompiler, compile_mode, pool_capacity
 from longserve.engine.engine import LLMEngine, StepOutput
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
@@ -44,9 +44,11 @@ class LLM:
     keep them dense in that dtype. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
     policy's constructor.
 
-    `compile=True`: decode steps of fixed-size policies (`snapstream`, `streaming`, `sage`) run a
-    `torch.compile`d graph per batch size, compiled on first use (minutes on a cold inductor cache,
-    seconds on a warm one) and shared by every engine of this LLM; other policies decode eagerly.
+    `compile=True` (or a mode name: "default", "freezing", "autotune", see
+    `compiled_decode.COMPILE_MODES`): decode steps run a `torch.compile`d graph per batch size, under
+    fixed-size policies (`snapstream`, `streaming`, `sage`) and append ones (`full`...) alike, compiled on
+    first use (minutes on a cold inductor cache, less on a warm one) and shared by every engine of this
+    LLM; H2O, Quest and head-adaptive slots decode eagerly.
     """
 
     def __init__(
@@ -66,13 +68,14 @@ class LLM:
         num_draft_tokens: int = 4,
         prefix_cache: str | int | None = None,
         device: str | torch.device | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         **policy_kwargs,
     ):
         if loaded is not None and dtype == "auto":  # a model handed in keeps the dtype it has
             dtype = next(k for k, v in DTYPES.items() if v == loaded.model.model.embed_tokens.weight.dtype)
         # "auto": bf16 where the hardware has it (loader.default_dtype); weights: dense or int8/int4
         dtype, weights = dtype_and_weights(dtype, weights, device)
+        compile_args = compile_mode("default" if compile is True else compile) if compile else None
         if threads:
             torch.set_num_threads(threads)
         self.loaded = loaded or load(model, dtype=dtype, progress=progress, weights=weights)
@@ -97,7 +100,10 @@ class LLM:
             from longserve.server.kv_plan import parse_byte_size
 
             self.prefix_cache = PrefixCache(parse_byte_size(prefix_cache, "prefix_cache"), self.fingerprint)
-        self.compiler = StepCompiler(self.loaded.model) if compile else None
+        self.compiler = None
+        if compile_args is not None:
+            mode, options = compile_args
+            self.compiler = StepCompiler(self.loaded.model, mode=mode, options=options)
         self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
         if draft is not None:
             from longserve.spec import SpeculativeDecoder

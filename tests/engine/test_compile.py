@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longserve.engine.compiled_decode import StepCompiler, eligible, pool_capacity
+from longserve.engine.compiled_decode import COMPILE_MODES, StepCompiler, eligible, pool_capacity
 from longserve.engine.engine import LLMEngine
 from longserve.engine.sampler import SamplingParams
 from longserve.kv.policies import make_policy
@@ -154,7 +154,8 @@ def test_weight_edit_after_compile_is_not_stale():
 
 
 def test_generate_compile_flag_reaches_llm(monkeypatch):
-    """`longserve generate --compile` builds `LLM(compile=True)` (and the default stays eager)."""
+    """`longserve generate --compile` builds `LLM(compile=True)`, `--compile-mode M` `LLM(compile=M)`
+    (and the default stays eager)."""
     from longserve.cli import main
 
     seen = []
@@ -164,7 +165,12 @@ def test_generate_compile_flag_reaches_llm(monkeypatch):
         raise SystemExit(0)  # stop before any model loads
 
     monkeypatch.setattr("longserve.llm.LLM", fake_llm)
-    for argv, expected in ((["generate", "hi", "--compile"], True), (["generate", "hi"], False)):
+    cases = (
+        (["generate", "hi", "--compile"], True),
+        (["generate", "hi"], False),
+        (["generate", "hi", "--compile-mode", "freezing"], "freezing"),
+    )
+    for argv, expected in cases:
         with pytest.raises(SystemExit):
             main(argv)
         assert seen[-1] is expected
@@ -182,3 +188,19 @@ def test_compiled_step_runs_int8_weights():
     tokens, logits = decode_tokens(loaded, compiler, "streaming", steps=3)
     assert tokens == eager_tokens and compiler.steps
     torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_modes():
+    """A named mode reaches the compiler (a mode with options is spelled out as options: torch.compile
+    takes one or the other); an unknown name is a one-line error before anything compiles."""
+    from longserve import LLM
+    from longserve.errors import InvalidParameterError
+
+    loaded, _ = tiny_loaded("llama", num_hidden_layers=1)
+    llm = LLM(loaded=loaded, compile="autotune")
+    assert llm.compiler.mode is None
+    assert llm.compiler.options["freezing"] and llm.compiler.options["max_autotune"]
+    assert LLM(loaded=loaded, compile=True).compiler.options is None
+    assert LLM(loaded=loaded, compile="freezing").compiler.options == COMPILE_MODES["freezing"][1]
+    with pytest.raises(InvalidParameterError, match="compile mode must be one of default, freezing"):
+        LLM(loaded=loaded, compile="fast")

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from longserve.errors import InvalidParameterError
 from longserve.kv.cache import KVPool
 from longserve.kv.plan import DecodePlan
 from longserve.model import CausalLM
@@ -116,6 +117,24 @@ class StaticDecodeBackend:
         return out.reshape(b, hq, 1, d)
 
 
+#: `LLM(compile=...)` / `--compile-mode`: name -> (torch.compile mode, inductor options).
+#: "freezing" folds the weights into the graph as constants (inductor then prepacks dense GEMM weights
+#: for oneDNN), so it ignores weight edits made after the first compile; "autotune" adds
+#: `max-autotune-no-cudagraphs` (benchmarks kernel choices while compiling: a longer warm-up).
+COMPILE_MODES: dict[str, tuple[str | None, dict | None]] = {
+    "default": (None, None),
+    "freezing": (None, {"freezing": True}),
+    "autotune": ("max-autotune-no-cudagraphs", {"freezing": True}),
+}
+
+
+def compile_mode(name: str) -> tuple[str | None, dict | None]:
+    """(mode, options) of a named compile mode; a one-line error for an unknown name."""
+    if name not in COMPILE_MODES:
+        raise InvalidParameterError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {name!r}")
+    return COMPILE_MODES[name]
+
+
 class StepCompiler:
     """Compiled decode steps of one model, one per bucket, built lazily and shared by every engine
     (KV pool) over the model: a bucket's graph reads the pool through its backend, so a new pool of
@@ -129,6 +148,8 @@ class StepCompiler:
         """`mode` / `options`: passed to `torch.compile` (e.g. `options={"freezing": True}` folds the
         weights into the graph: faster GEMMs, but the graph then ignores later weight edits, which
         `check_fused` can only turn edits it sees into a recompile)."""
+        if mode is not None and options:  # torch.compile takes one or the other: spell the mode out
+            options, mode = {**torch._inductor.list_mode_options(mode), **options}, None
         self.model, self.max_buckets, self.mode, self.options = model, max_buckets, mode, options
         self.steps: dict[tuple, tuple[StaticDecodeBackend, object]] = {}
         self.warmup_seconds: dict[tuple, float] = {}  # first call of each bucket: trace + compile + run
