@@ -204,3 +204,20 @@ def test_compile_modes():
     assert LLM(loaded=loaded, compile="freezing").compiler.options == COMPILE_MODES["freezing"][1]
     with pytest.raises(InvalidParameterError, match="compile mode must be one of default, freezing"):
         LLM(loaded=loaded, compile="fast")
+
+
+@pytest.mark.slow
+def test_every_bucket_compiles_past_the_recompile_limit(monkeypatch):
+    """Each bucket gets its own code object, so dynamo's recompile limit (here 1) never turns a new
+    bucket, of this compiler or of another in the process, into a silent eager run."""
+    from torch._dynamo.utils import counters
+
+    loaded, _ = tiny_loaded("llama", num_hidden_layers=1)
+    eager = decode_tokens(loaded, None, "streaming", steps=2)[0]
+    compilers = [StepCompiler(loaded.model) for _ in range(2)]
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)  # after the compilers are made
+    before = counters["stats"]["unique_graphs"]
+    for compiler in compilers:  # two compilers, two buckets each (contiguous and reversed slots)
+        assert decode_tokens(loaded, compiler, "streaming", steps=2)[0] == eager
+        assert len(compiler.steps) == 2
+    assert counters["stats"]["unique_graphs"] - before == 4

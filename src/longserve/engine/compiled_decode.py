@@ -26,7 +26,9 @@ plan and the caller runs the eager step.
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,17 @@ def compile_mode(name: str) -> tuple[str | None, dict | None]:
     return COMPILE_MODES[name]
 
 
+def own_code(fn: types.FunctionType) -> types.FunctionType:
+    """`fn` with a code object of its own. Dynamo keeps its compiled graphs per code object: were every
+    bucket (of every compiler in the process) a recompile of one `step` code, a lookup would check the
+    guards of all of them in turn, and past `recompile_limit` dynamo silently runs the step eagerly."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_codes)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+_codes = itertools.count()
+
+
 class StepCompiler:
     """Compiled decode steps of one model, one per bucket, built lazily and shared by every engine
     (KV pool) over the model: a bucket's graph reads the pool through its backend, so a new pool of
@@ -154,8 +167,6 @@ class StepCompiler:
         self.steps: dict[tuple, tuple[StaticDecodeBackend, object]] = {}
         self.warmup_seconds: dict[tuple, float] = {}  # first call of each bucket: trace + compile + run
         torch._inductor.config.fx_graph_cache = True
-        # every bucket is a recompile of the same `step` code: let dynamo keep them all
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_buckets + 1)
 
     def bucket(self, pool: KVPool, plan: DecodePlan) -> tuple | None:
         if not eligible(plan):
@@ -179,7 +190,7 @@ class StepCompiler:
 
             self.steps[key] = (
                 backend,
-                torch.compile(step, dynamic=False, mode=self.mode, options=self.options),
+                torch.compile(own_code(step), dynamic=False, mode=self.mode, options=self.options),
             )
         backend, step = self.steps[key]
         backend.pool = pool
