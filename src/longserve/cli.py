@@ -202,7 +202,7 @@ def cmd_generate(args) -> int:
         weights=args.weights,
         draft=args.draft,
         num_draft_tokens=args.num_draft_tokens,
-        compile=args.compile_mode or args.compile,
+        compile=args.compile,
         **({"threads": args.threads} if args.threads is not None else {}),
     )
     prompt = [{"role": "user", "content": text}] if (llm.tokenizer.chat_template and not args.raw) else text
@@ -295,11 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="torch.compile the decode step (all policies but h2o, quest and adakv); slow first step",
-    )
-    p.add_argument(
-        "--compile-mode",
-        help="compile the decode step in this mode (implies --compile): default, freezing (weights folded "
-        "into the graph) or autotune (max-autotune-no-cudagraphs + freezing: longer warm-up)",
     )
     add_sampling_args(p)
     add_policy_args(p)

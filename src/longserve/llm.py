@@ -45,7 +45,8 @@ class LLM:
     policy's constructor.
 
     `compile=True` (or a mode name: "default", "freezing", "autotune", see
-    `compiled_decode.COMPILE_MODES`): decode steps run a `torch.compile`d graph per batch size, under
+    `compiled_decode.COMPILE_MODES`; on SmolLM2 neither of the others beat "default" beyond noise, see
+    bench/results/decode_ab_compiled.md): decode steps run a `torch.compile`d graph per batch size, under
     fixed-size policies (`snapstream`, `streaming`, `sage`) and append ones (`full`...) alike, compiled on
     first use (minutes on a cold inductor cache, less on a warm one) and shared by every engine of this
     LLM; H2O, Quest and head-adaptive slots decode eagerly.
