@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decode step of fixed-size policies (snapstream, streaming, sage); slow first step",
+        help="torch.compile the decode step (all policies but h2o, quest and adakv); slow first step",
     )
     add_sampling_args(p)
     add_policy_args(p)

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longserve.context import CompressedContext
-from longserve.engine.compiled_decode import StepCompiler
+from longserve.engine.compiled_decode import StepCompiler, compile_mode, pool_capacity
 from longserve.engine.engine import LLMEngine, StepOutput
 from longserve.engine.prefix_cache import CachePrefix, PrefixCache
 from longserve.engine.sampler import SamplingParams
@@ -44,9 +44,12 @@ class LLM:
     keep them dense in that dtype. Extra keyword arguments (`window=`, `n_sink=`, `kernel=`...) go to the
     policy's constructor.
 
-    `compile=True`: decode steps of fixed-size policies (`snapstream`, `streaming`, `sage`) run a
-    `torch.compile`d graph per batch size, compiled on first use (minutes on a cold inductor cache,
-    seconds on a warm one) and shared by every engine of this LLM; other policies decode eagerly.
+    `compile=True` (or a mode name: "default", "freezing", "autotune", see
+    `compiled_decode.COMPILE_MODES`; on SmolLM2 neither of the others beat "default" beyond noise, see
+    bench/results/decode_ab_compiled.md): decode steps run a `torch.compile`d graph per batch size, under
+    fixed-size policies (`snapstream`, `streaming`, `sage`) and append ones (`full`...) alike, compiled on
+    first use (minutes on a cold inductor cache, less on a warm one) and shared by every engine of this
+    LLM; H2O, Quest and head-adaptive slots decode eagerly.
     """
 
     def __init__(
@@ -66,13 +69,14 @@ class LLM:
         num_draft_tokens: int = 4,
         prefix_cache: str | int | None = None,
         device: str | torch.device | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         **policy_kwargs,
     ):
         if loaded is not None and dtype == "auto":  # a model handed in keeps the dtype it has
             dtype = next(k for k, v in DTYPES.items() if v == loaded.model.model.embed_tokens.weight.dtype)
         # "auto": bf16 where the hardware has it (loader.default_dtype); weights: dense or int8/int4
         dtype, weights = dtype_and_weights(dtype, weights, device)
+        compile_args = compile_mode("default" if compile is True else compile) if compile else None
         if threads:
             torch.set_num_threads(threads)
         self.loaded = loaded or load(model, dtype=dtype, progress=progress, weights=weights)
@@ -97,7 +101,10 @@ class LLM:
             from longserve.server.kv_plan import parse_byte_size
 
             self.prefix_cache = PrefixCache(parse_byte_size(prefix_cache, "prefix_cache"), self.fingerprint)
-        self.compiler = StepCompiler(self.loaded.model) if compile else None
+        self.compiler = None
+        if compile_args is not None:
+            mode, options = compile_args
+            self.compiler = StepCompiler(self.loaded.model, mode=mode, options=options)
         self.speculative = None  # speculative decoding with a draft model that shares our tokenizer
         if draft is not None:
             from longserve.spec import SpeculativeDecoder
@@ -204,6 +211,14 @@ class LLM:
             layer_shift=layer_shift,
         )
 
+    def call_capacity(self, capacity: int, policy: Policy) -> int:
+        """Slot capacity of a per-call engine (`generate`, `stream`): with `compile` on and a growing
+        (append) policy, rounded up (`compiled_decode.pool_capacity`) so that calls of nearby sizes
+        share a compiled graph; a fixed-size policy's slot is its budget either way."""
+        if self.compiler is None or policy.decode.fixed_size:
+            return capacity
+        return pool_capacity(capacity, self.context_window)
+
     def request(
         self, sampling: SamplingParams | None = None, kv_policy: str | Policy | None = None, **options
     ) -> tuple[SamplingParams, Policy]:
@@ -251,7 +266,7 @@ class LLM:
             return [self.speculative.generate(p, params, policy) for p in batch]
         encoded = [self.encode_any(p) for p in batch]
         capacity = max(policy.capacity(len(ids), params.max_new_tokens) for ids in encoded)
-        engine = self.engine(min(len(batch), self.max_batch_size), capacity)
+        engine = self.engine(min(len(batch), self.max_batch_size), self.call_capacity(capacity, policy))
         prefixes = [
             None
             if cache_prefix is None
@@ -289,7 +304,8 @@ class LLM:
         ids = self.encode_any(prompt)
         capacity = policy.capacity(len(ids), params.max_new_tokens) + (prefix.fill if prefix else 0)
         shift = prefix.layer_shift(self.loaded.args.layer_windows) if prefix is not None else None
-        engine = self.engine(1, capacity, layer_shift=shift)  # each layer sized to what it holds
+        # each layer sized to what it holds
+        engine = self.engine(1, self.call_capacity(capacity, policy), layer_shift=shift)
         engine.add_request(ids, params, policy, prefix=prefix)
         while engine.has_unfinished():
             yield from engine.step()
