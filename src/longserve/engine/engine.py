@@ -54,8 +54,8 @@ class LLMEngine:
         layer_shift: tuple[int, ...] | None = None,
     ):
         """`device`: where the KV pool and every step tensor live (default: the model's weights').
-        `compiler`: compiled decode steps for fixed-size policies (`LLM(compile=True)`), shared by the
-        engines of one model."""
+        `compiler`: compiled decode steps (`LLM(compile=True)`) for the plans `compiled_decode.eligible`
+        accepts (ring and append policies), shared by the engines of one model."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         device = device if device is not None else next(loaded.model.parameters()).device
