@@ -9,6 +9,7 @@ time of adaptation, on the same test queries in one sitting.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,20 @@ def run_task(llm: LLM, embed: Embedder, name: str, args) -> dict:
     out["playbook"] = [b.__dict__ for b in ace.playbook.bullets]
     out["playbook_tokens_by_step"] = [r.playbook_tokens for r in offline]
     out["compressions_offline"] = ace.compressions
+    # what the reflector and curator wrote on the first wrong training answers: the evidence of whether
+    # the model can reflect at all
+    out["examples"] = [
+        {
+            "input": r.input,
+            "answer": r.answer,
+            "feedback": r.feedback,
+            "reflection": r.reflection,
+            "curation": r.curation,
+            "operations": r.operations,
+        }
+        for r in offline
+        if not r.correct
+    ][:3]
     online = ACE(llm, task, embed=embed, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()
     records = online.evaluate(test, online=True, progress=True)
@@ -65,7 +80,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="python_function,date_format")
     ap.add_argument("--n-train", type=int, default=12)
     ap.add_argument("--n-test", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="reflector and curator replies")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="reflector and curator replies")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/ace_bench")
@@ -74,15 +89,20 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, progress=False)
     embed = Embedder(llm)
     start = time.perf_counter()
-    results = [run_task(llm, embed, name, args) for name in args.tasks.split(",")]
-    wall = time.perf_counter() - start
     out = Path(args.out)
+    results = []
+    for name in args.tasks.split(","):
+        results.append(run_task(llm, embed, name, args))
+        report(args, results, time.perf_counter() - start, out)  # a cut-short run keeps finished tasks
+
+
+def report(args, results: list[dict], wall: float, out: Path) -> None:
     plot(results, out.with_suffix(".png"))
     lines = [
         f"# ACE on {args.model} ({args.dtype})",
         "",
         f"`{command()}`  ",
-        f"{machine()}; {wall / 60:.0f} min in all; the CPU was shared with other jobs (wall times are upper bounds)",
+        f"{machine()}; {wall / 60:.0f} min in all; load average {os.getloadavg()[0]:.1f}; the CPU was shared with other jobs (wall times are upper bounds)",
         "",
         "| task | phase | n | accuracy | playbook tokens | playbook bullets | wall s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -100,6 +120,15 @@ def main() -> None:
     for r in results:
         lines.append(f"Playbook after offline adaptation on {r['task']}:")
         lines += [f"- [{b['id']}] {b['content']}" for b in r["playbook"]] or ["- (empty)"]
+        lines.append("")
+        lines.append(f"What the reflector and curator wrote on wrong training answers ({r['task']}):")
+        lines.append("")
+        for e in r["examples"]:
+            lines += [
+                f"- input `{e['input']}`, feedback `{e['feedback']}`",
+                f"  - reflection: `{e['reflection']}`",
+                f"  - curator: `{e['curation']}` -> {e['operations']}",
+            ]
         lines.append("")
     lines.append(f"![playbook size]({out.with_suffix('.png').name})")
     write_result(

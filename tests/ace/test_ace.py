@@ -109,7 +109,7 @@ class ScriptedCurator(LLM):
         self.replies, self.prompts = list(replies), []
 
     def generate(self, prompts, *args, **kwargs):
-        if isinstance(prompts, str) and ("Reply with a JSON" in prompts or "Reply with one JSON" in prompts):
+        if isinstance(prompts, str) and "Reply with" in prompts and "JSON" in prompts:
             self.prompts.append(prompts)
 
             class Out:
@@ -128,7 +128,7 @@ def test_the_loop_merges_curated_deltas_and_compresses_once_per_version():
         "[]",
     ]
     llm = ScriptedCurator(tiny_loaded("llama")[0], replies)
-    ace = ACE(llm, task, max_new_tokens=8)
+    ace = ACE(llm, task, max_new_tokens=8, structured=False)
     records = ace.adapt(task.examples[:2])
     assert [b.content for b in ace.playbook.bullets] == ["Shift each letter forward."]
     assert ace.playbook.bullets[0].helpful == 1  # tagged by the second reflection
@@ -144,7 +144,39 @@ def test_the_loop_merges_curated_deltas_and_compresses_once_per_version():
 def test_a_wrong_answer_keeps_its_lesson_when_the_curator_proposes_nothing():
     task = make_task("cipher", 10, seed=0)
     llm = ScriptedCurator(tiny_loaded("llama")[0], ['{"lesson": "Shift by the hidden amount."}', "no idea"])
-    ace = ACE(llm, task, max_new_tokens=8)
+    ace = ACE(llm, task, max_new_tokens=8, structured=False)
     record = ace.step(task.examples[0])
     assert not record.correct  # a random tiny model does not know the cipher
     assert [b.content for b in ace.playbook.bullets] == ["Shift by the hidden amount."]
+
+
+def test_structured_replies_always_parse_into_valid_operations():
+    """With the grammar even a random tiny model writes a reflection with every field and operations that
+    name only existing bullets: nothing the curator proposes is skipped as invalid."""
+    pytest.importorskip("llguidance")
+    task = make_task("cipher", 10, seed=0)
+    llm = LLM(loaded=tiny_loaded("llama")[0])
+    playbook = Playbook()
+    playbook.apply([{"op": "add", "content": "Shift every letter."}, {"op": "add", "content": "Keep case."}])
+    ace = ACE(llm, task, playbook, max_new_tokens=1200, structured=True)
+    ex = task.examples[0]
+    log, reflection, curation = ace.learn(ex, "zzz", "wrong answer: got 'zzz', expected 'abc'", correct=False)
+    value = json.loads(reflection)
+    assert set(value) == {"expected", "difference", "rule", "helpful", "harmful"}
+    assert set(value["helpful"]) | set(value["harmful"]) <= {"b1", "b2"}
+    if value["rule"].strip():
+        assert isinstance(json.loads(curation)["operations"], list)
+    assert not [line for line in log if line.startswith("skipped")], log
+
+
+def test_a_correct_answer_only_updates_counters():
+    """The curator runs on wrong answers only: a correct answer's reflection tags bullets, adds nothing."""
+    task = make_task("cipher", 10, seed=0)
+    replies = ['{"rule": "Shift letters.", "helpful": ["b1"], "harmful": []}']
+    llm = ScriptedCurator(tiny_loaded("llama")[0], replies)
+    playbook = Playbook()
+    playbook.apply([{"op": "add", "content": "Shift every letter."}])
+    ace = ACE(llm, task, playbook, max_new_tokens=8, structured=False)
+    log, _, curation = ace.learn(task.examples[0], "x", "correct", correct=True)
+    assert log == ["tag: b1 helpful"] and curation == "" and not llm.replies
+    assert "answered a task correctly" in llm.prompts[0]

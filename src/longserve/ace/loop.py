@@ -25,20 +25,103 @@ GENERATOR = _ENV.from_string(
     "{{ instruction }}\n\nPlaybook of strategies learned so far:\n{{ playbook }}\n\n"
     "Use the playbook. Answer with the output only."
 )
+# The reflector and curator prompts are written for 0.5B-1.5B models: the reflector first copies the
+# expected output from the feedback and says how the answer differs, then writes the rule (a small
+# model asked for "a lesson" restates the input: "Replace 'w' with 'i'"); the replies' JSON shapes are
+# given and, where llguidance is installed, enforced by a grammar (`reflector_schema`, `curator_schema`).
+# A worked example in the prompt was tried and dropped: a 0.5B model copies it verbatim into every rule.
 REFLECTOR = _ENV.from_string(
-    "A model answered a task using a playbook.\n\nTask: {{ instruction }}\nPlaybook:\n{{ playbook }}\n\n"
-    "Input: {{ input }}\nModel answer: {{ answer }}\nFeedback: {{ feedback }}\n\n"
-    "Reply with one JSON object: "
-    '{"lesson": "<one general rule that would give the right answer>", '
-    '"helpful": [<ids of bullets that helped>], "harmful": [<ids of bullets that misled>]}'
+    "A model answered a task {{ 'correctly' if correct else 'wrong' }}. The checker's feedback shows the "
+    "expected output.\n\nTask: {{ instruction }}\nPlaybook the model used:\n{{ playbook }}\n\n"
+    "Input: {{ input }}\nModel answer: {{ answer }}\nFeedback from the checker: {{ feedback }}\n\n"
+    "Write the rule that turns any input of this task into an output of exactly the expected form, so the "
+    "model gets the next input right.\n"
+    'Reply with JSON: {"expected": "<the expected output, copied from the feedback>", '
+    '"difference": "<how the model answer differs from it>", '
+    '"rule": "<the rule, for every input: say exactly what the output must look like>", '
+    '"helpful": [<ids of playbook bullets that helped>], "harmful": [<ids of bullets that misled>]}'
 )
 CURATOR = _ENV.from_string(
-    "You maintain a playbook of strategies for this task: {{ instruction }}\n\nPlaybook:\n{{ playbook }}\n\n"
-    "New reflection:\n{{ reflection }}\n\n"
-    "Reply with a JSON list of operations, only what is new: "
-    '{"op": "add", "section": "...", "content": "..."}, {"op": "update", "id": "b1", "content": "..."}, '
-    '{"op": "remove", "id": "b2"}. Reply [] if nothing is new.'
+    "You keep a playbook of rules for the task: {{ instruction }}\n\nPlaybook:\n{{ playbook }}\n\n"
+    "A reviewer proposes this rule: {{ rule }}\n\n"
+    "Edit the playbook: add the rule as a new bullet if no bullet says it yet; update a bullet (by its "
+    "id) that the rule corrects; remove a bullet the rule shows is wrong; no operation if a bullet "
+    "already says it.\n"
+    'Reply with one JSON object: {"operations": [...]}, each operation one of '
+    '{"op": "add", "section": "<short topic>", "content": "<the rule>"}, '
+    '{"op": "update", "id": "<bullet id>", "content": "<the corrected rule>"}, '
+    '{"op": "remove", "id": "<bullet id>"}.'
 )
+RULE_CHARS = 240  # a playbook bullet is one rule, not an essay (and bounds the grammar's output)
+
+
+def reflector_schema(ids: list[str]) -> dict:
+    """The reflection's JSON: expected output, difference, rule; tags can only name existing bullets."""
+    tags = (
+        {"type": "array", "items": {"enum": ids}, "maxItems": 3} if ids else {"type": "array", "maxItems": 0}
+    )
+    text = {"type": "string", "maxLength": RULE_CHARS}
+    return {
+        "type": "object",
+        "properties": {
+            "expected": text,
+            "difference": text,
+            "rule": text,
+            "helpful": tags,
+            "harmful": tags,
+        },
+        "required": ["expected", "difference", "rule", "helpful", "harmful"],
+        "additionalProperties": False,
+    }
+
+
+def curator_schema(ids: list[str]) -> dict:
+    """The curator's JSON: at most three operations; update/remove only on existing bullet ids."""
+    text = {"type": "string", "minLength": 1, "maxLength": RULE_CHARS}
+    add = {
+        "type": "object",
+        "properties": {
+            "op": {"const": "add"},
+            "section": {"type": "string", "maxLength": 40},
+            "content": text,
+        },
+        "required": ["op", "section", "content"],
+        "additionalProperties": False,
+    }
+    kinds = [add]
+    if ids:
+        bullet = {"enum": ids}
+        kinds.append(
+            {
+                "type": "object",
+                "properties": {"op": {"const": "update"}, "id": bullet, "content": text},
+                "required": ["op", "id", "content"],
+                "additionalProperties": False,
+            }
+        )
+        kinds.append(
+            {
+                "type": "object",
+                "properties": {"op": {"const": "remove"}, "id": bullet},
+                "required": ["op", "id"],
+                "additionalProperties": False,
+            }
+        )
+    operations = {"type": "array", "items": {"anyOf": kinds}, "maxItems": 3}
+    return {
+        "type": "object",
+        "properties": {"operations": operations},
+        "required": ["operations"],
+        "additionalProperties": False,
+    }
+
+
+def _structured_available() -> bool:
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass
@@ -51,10 +134,16 @@ class StepRecord:
     playbook_version: int = 0
     playbook_tokens: int = 0
     seconds: float = 0.0
+    reflection: str = ""  # the reflector's and the curator's raw replies, to read what the model did
+    curation: str = ""
 
 
 class ACE:
-    """`ACE(llm, task).adapt(train)` grows `self.playbook`; `evaluate(test)` measures it."""
+    """`ACE(llm, task).adapt(train)` grows `self.playbook`; `evaluate(test)` measures it.
+
+    `structured`: constrain the reflector's and the curator's replies to their JSON schemas with a
+    grammar (default: when the optional llguidance is installed). Small models otherwise drift into
+    prose or truncated JSON, and a reply that does not parse teaches nothing."""
 
     def __init__(
         self,
@@ -63,11 +152,13 @@ class ACE:
         playbook: Playbook | None = None,
         embed=None,
         kv_policy: str = "full",
-        max_new_tokens: int = 96,
+        max_new_tokens: int = 256,
+        structured: bool | None = None,
     ):
         self.llm, self.task, self.embed = llm, task, embed
         self.playbook = playbook or Playbook()
         self.kv_policy, self.max_new_tokens = kv_policy, max_new_tokens
+        self.structured = _structured_available() if structured is None else structured
         self._context: tuple[int, object] | None = None  # (playbook version, its compressed context)
         self.compressions = 0
 
@@ -86,14 +177,23 @@ class ACE:
         query = f"Input: {example.input}\nOutput:"
         return self.llm.ask(self.context(), query, max_new_tokens=self.task.max_new_tokens).text
 
-    def _chat(self, prompt: str) -> str:
+    def _chat(self, prompt: str, schema: dict) -> str:
+        """One user turn (raw text for a model without a chat template), greedy; the reply follows
+        `schema` when `structured`."""
         messages = [{"role": "user", "content": prompt}]
         prompt_in = messages if self.llm.tokenizer.chat_template else prompt
-        return self.llm.generate(prompt_in, max_new_tokens=self.max_new_tokens)[0].text
+        options = {}
+        if self.structured:
+            from longserve.engine.grammar import json_grammar
 
-    def learn(self, example: Example, answer: str, feedback: str, correct: bool) -> list[str]:
-        """Reflect on one answer and merge the curator's operations."""
-        playbook = self.playbook.render()
+            options["grammar"] = json_grammar(schema, self.llm.loaded)
+        return self.llm.generate(prompt_in, max_new_tokens=self.max_new_tokens, **options)[0].text
+
+    def learn(
+        self, example: Example, answer: str, feedback: str, correct: bool
+    ) -> tuple[list[str], str, str]:
+        """Reflect on one answer and merge the curator's operations: (merge log, reflection, curation)."""
+        playbook, ids = self.playbook.render(), [b.id for b in self.playbook.bullets]
         reflection_text = self._chat(
             REFLECTOR.render(
                 instruction=self.task.instruction,
@@ -101,7 +201,9 @@ class ACE:
                 input=example.input,
                 answer=answer.strip(),
                 feedback=feedback,
-            )
+                correct=correct,
+            ),
+            reflector_schema(ids),
         )
         reflection = first_json(reflection_text) or {}
         ops = [
@@ -109,24 +211,23 @@ class ACE:
             for tag in ("helpful", "harmful")
             for i in _ids(reflection, tag)
         ]
-        lesson = str(reflection.get("lesson", "")).strip()
-        curated = self._chat(
-            CURATOR.render(
-                instruction=self.task.instruction, playbook=playbook, reflection=lesson or reflection_text
+        rule = str(reflection.get("rule") or reflection.get("lesson") or "").strip()
+        curated = ""
+        if rule and not correct:  # a correct answer only updates the counters; no rule, nothing to curate
+            curated = self._chat(
+                CURATOR.render(instruction=self.task.instruction, playbook=playbook, rule=rule),
+                curator_schema(ids),
             )
-        )
         proposed = parse_operations(curated)
-        if proposed is None:  # the curator wrote no operations at all: keep a wrong answer's lesson as is
-            proposed = (
-                [{"op": "add", "section": "lessons", "content": lesson}] if lesson and not correct else []
-            )
-        return self.playbook.apply(ops + proposed, embed=self.embed)
+        if proposed is None:  # the curator wrote no operations at all: keep a wrong answer's rule as is
+            proposed = [{"op": "add", "section": "lessons", "content": rule}] if rule and not correct else []
+        return self.playbook.apply(ops + proposed, embed=self.embed), reflection_text, curated
 
     def step(self, example: Example, learn: bool = True) -> StepRecord:
         start = time.perf_counter()
         answer = self.answer(example)
         correct, feedback = self.task.check(answer, example)
-        ops = self.learn(example, answer, feedback, correct) if learn else []
+        ops, reflection, curation = self.learn(example, answer, feedback, correct) if learn else ([], "", "")
         return StepRecord(
             example.input,
             answer,
@@ -136,6 +237,8 @@ class ACE:
             self.playbook.version,
             self.playbook_tokens(),
             time.perf_counter() - start,
+            reflection,
+            curation,
         )
 
     def adapt(self, train: list[Example], epochs: int = 1, progress: bool = False) -> list[StepRecord]:
