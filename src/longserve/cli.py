@@ -18,9 +18,9 @@ def _human(n: float) -> str:
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
-    from longserve.kv.policies import ALIASES, REGISTRY
+    from longserve.kv.policies import known_policies
 
-    p.add_argument("--kv-policy", default="full", help=f"one of: {', '.join([*REGISTRY, *ALIASES])}")
+    p.add_argument("--kv-policy", default="full", help=f"one of: {', '.join(known_policies())}")
     p.add_argument("--kv-budget", type=int, help="tokens kept per sequence (sinks + selected + window)")
     p.add_argument("--kv-ratio", type=float, help="fraction of the prompt kept, in (0, 1]")
     p.add_argument("--kv-window", type=int, help="recent tokens always kept (policy default otherwise)")

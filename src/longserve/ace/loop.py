@@ -17,6 +17,7 @@ from jinja2 import Environment, StrictUndefined
 from tqdm.auto import tqdm
 
 from longserve.ace.playbook import Playbook, parse_operations
+from longserve.engine import grammar
 from longserve.icl.tasks import Example, Task, first_json
 
 _ENV = Environment(undefined=StrictUndefined, keep_trailing_newline=True)
@@ -116,14 +117,6 @@ def curator_schema(ids: list[str]) -> dict:
     }
 
 
-def _structured_available() -> bool:
-    try:
-        import llguidance  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @dataclass
 class StepRecord:
     input: str
@@ -158,7 +151,7 @@ class ACE:
         self.llm, self.task, self.embed = llm, task, embed
         self.playbook = playbook or Playbook()
         self.kv_policy, self.max_new_tokens = kv_policy, max_new_tokens
-        self.structured = _structured_available() if structured is None else structured
+        self.structured = grammar.available() if structured is None else structured
         self._context: tuple[int, object] | None = None  # (playbook version, its compressed context)
         self.compressions = 0
 
@@ -184,9 +177,7 @@ class ACE:
         prompt_in = messages if self.llm.tokenizer.chat_template else prompt
         options = {}
         if self.structured:
-            from longserve.engine.grammar import json_grammar
-
-            options["grammar"] = json_grammar(schema, self.llm.loaded)
+            options["grammar"] = grammar.json_grammar(schema, self.llm.loaded)
         return self.llm.generate(prompt_in, max_new_tokens=self.max_new_tokens, **options)[0].text
 
     def learn(

@@ -26,6 +26,15 @@ _lock = threading.Lock()
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def available() -> bool:
+    """Whether the optional llguidance is installed (structured output works)."""
+    try:
+        _llguidance()
+    except InvalidParameterError:
+        return False
+    return True
+
+
 def _llguidance():
     try:
         import llguidance

@@ -31,8 +31,8 @@ class _Packed:
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, compiler: StepCompiler | None = None, tokenizer=None):
         """`compiler`: decode steps that `compiled_decode.eligible` accepts (ring and append policies)
-        run its `torch.compile`d graph per batch bucket; other steps, and everything without one, run eagerly. `tokenizer`: for policies
-        whose scoring pass is built from text (KVzip's repeat prompt)."""
+        run its `torch.compile`d graph per batch bucket; other steps, and everything without one, run
+        eagerly. `tokenizer`: for policies whose scoring pass is built from text (KVzip's repeat prompt)."""
         self.model, self.pool, self.compiler, self.tokenizer = model, pool, compiler, tokenizer
         self.inv_freq = [model.layer_inv_freq(layer) for layer in range(pool.args.n_layers)]
         self.staging: dict[int, tuple[KVPool, int]] = {}  # seq_id -> uncompressed prefix of a chunked prefill

@@ -93,12 +93,12 @@ def _budget(text: str, spec: str) -> tuple[int | None, float | None]:
 
 def parse_policy_spec(spec: str) -> PolicySpec:
     """`NAME[@BUDGET][:KEY=VALUE...]` for a registered KV policy."""
-    from longserve.kv.policies import ALIASES, REGISTRY
+    from longserve.kv.policies import known_policies
 
     head, *options = spec.strip().split(":")
     name, _, budget_text = head.partition("@")
-    if name not in REGISTRY and name not in ALIASES:
-        known = ", ".join([*REGISTRY, *ALIASES])
+    if name not in known_policies():
+        known = ", ".join(known_policies())
         raise InvalidParameterError(f"unknown kv policy {name!r} in {spec!r}; known: {known}")
     budget, ratio = _budget(budget_text, spec) if budget_text else (None, None)
     kwargs = {}

@@ -89,9 +89,8 @@ class PrefillBackend:
             raise RuntimeError("a head-adaptive cache cannot be compressed a second time")
         pk, pv, _, ph = pool.flat_entries(layer, slot)
         out = kernels.flat_chunk_attention(q, k, v, pk, pv, ph, args.scaling)
-        shift = (
-            pool.layer_len(layer, slot) - plan.prefix_fill
-        )  # < 0 in the emptier layers of a layer-adaptive slot
+        # < 0 in the emptier layers of a layer-adaptive slot (per-layer budgets)
+        shift = pool.layer_len(layer, slot) - plan.prefix_fill
         if plan.new_fill + shift > pool.layer_capacity[layer]:
             raise RuntimeError(f"slot capacity {pool.layer_capacity[layer]} < {plan.new_fill + shift} tokens")
         fk, fv, fpos, fheads = pool.flat_view(layer, slot)

@@ -50,6 +50,11 @@ ALIASES: dict[str, tuple[str, dict]] = {
 }
 
 
+def known_policies() -> list[str]:
+    """Every name `make_policy` accepts: the registry's, then the aliases (for help and error texts)."""
+    return [*REGISTRY, *ALIASES]
+
+
 def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
     """Build a policy by name; unknown keyword arguments and names are user errors."""
     if isinstance(name, Policy):
@@ -74,7 +79,7 @@ def make_policy(name: str | Policy | None = "full", **kwargs) -> Policy:
 def _make_named(name: str | None, kwargs: dict) -> Policy:
     name = name or "full"
     if name not in REGISTRY:
-        raise InvalidParameterError(f"unknown kv policy '{name}'; known: {', '.join([*REGISTRY, *ALIASES])}")
+        raise InvalidParameterError(f"unknown kv policy '{name}'; known: {', '.join(known_policies())}")
     cls = REGISTRY[name]
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if not cls.compresses and name == "full":
@@ -100,5 +105,6 @@ __all__ = [
     "PolicyWrapper",
     "ScoreInputs",
     "ScoringChunk",
+    "known_policies",
     "make_policy",
 ]
